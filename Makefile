@@ -1,0 +1,43 @@
+# asymoe_train: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+DATA := data/easy_vqa
+export OMP_NUM_THREADS ?= 2
+export DS_ACCELERATOR ?= cpu
+export WANDB_SILENT := true
+
+.PHONY: help install data train test lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# CPU machines: the exact CPU torch wheel first, so no dependency pulls a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch>=2.4"; \
+	else $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install torch (CPU wheel on CPU machines), the package and dev tools
+
+$(DATA)/manifest.json: $(VENV)/.installed data_recipes/easy_vqa.py
+	$(PY) data_recipes/easy_vqa.py --out $(DATA)
+
+data: $(DATA)/manifest.json ## build the easy-vqa demo shards and tokenizer under data/easy_vqa
+
+train: install data ## run the two-stage CPU demo (experiment=demo) end to end; ARGS="..." adds overrides
+	$(VENV)/bin/asymoe-train experiment=demo $(ARGS)
+
+test: install ## run the whole test suite (unit, integration, 2-process distributed on CPU)
+	$(PY) -m pytest tests -q $(ARGS)
+
+lint: install ## ruff over the package, recipes and tests
+	$(VENV)/bin/ruff check asymoe_train data_recipes tests
+
+clean: ## remove outputs and the demo shards (keeps .venv)
+	rm -rf outputs multirun $(DATA)

@@ -1,0 +1,1 @@
+"""asymoe_train: training modality-asymmetric MoE vision-language models."""

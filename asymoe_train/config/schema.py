@@ -1,0 +1,194 @@
+"""Typed configuration: one dataclass per Hydra group, registered in the ConfigStore.
+
+Every YAML under ``conf/`` is merged onto these schemas, so a misspelt key or a value of the wrong type fails at
+compose time, naming the key. Fields are documented where they are declared. Cross-field rules (divisibility,
+references between groups, files on disk) live in :mod:`asymoe_train.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """Vision tower, built from a tiny config with random weights (``path`` empty) or loaded from a local path."""
+
+    type: str = "siglip"  # siglip | clip
+    path: str = ""  # local Hugging Face checkpoint; empty = random init from the sizes below
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    feature_layer: int = -1  # hidden state fed to the projector (LLaVA uses -2, the penultimate layer)
+    merge: int = 4  # merge merge x merge patches into one image token (channel concat); 1 = one token per patch
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    """Language model: a Hugging Face Llama-family causal LM, tiny and random (``path`` empty) or from a local path."""
+
+    type: str = "llama"  # llama | qwen2 | mistral
+    path: str = ""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig:
+    """Maps merged vision features to LM embeddings: Linear -> GELU -> Linear (LLaVA-1.5's mlp2x_gelu)."""
+
+    hidden_size: int = 0  # 0 = the LM hidden size
+
+
+@dataclass(kw_only=True)
+class PoolConfig:
+    """A pool of experts of one type inside every MoE slot."""
+
+    name: str = MISSING
+    expert: str = "ffn"  # expert type; see asymoe_train.moe.experts.EXPERT_TYPES
+    num_experts: int = MISSING
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """A router: which token modalities it serves and which pools it can reach (the reach-table row)."""
+
+    name: str = MISSING
+    modalities: list[str] = field(default_factory=list)  # subset of [text, image]
+    pools: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """The parameterised MoE block that replaces the FFN in MoE layers (variants are settings of this one block)."""
+
+    variant: str = "dense"  # name shown in logs; the behaviour comes from pools and routers
+    layers: str = "odd"  # odd | even | all | comma-separated 0-based indices, e.g. "1,3"
+    top_k: int = 2  # experts per token (renormalised top-k over the router's reachable experts)
+    pools: list[PoolConfig] = field(default_factory=list)  # empty = dense: FFN slots stay the backbone's MLP
+    routers: list[RouterConfig] = field(default_factory=list)
+    router_init_std: float = 0.02  # routers start N(0, std); 0 = zeros (uniform routing at start)
+    upcycle_noise_std: float = 0.0  # relative noise added to upcycled expert weights (0 = exact copies)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Vision tower + projector + language model with MoE slots."""
+
+    name: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """webdataset shards and the text format. Shard patterns are globs relative to ``root``."""
+
+    name: str = "easy_vqa"
+    root: str = "data/easy_vqa"
+    tokenizer: str = "tokenizer.json"  # relative to root, or absolute
+    sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, named by curriculum stages
+    eval_sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, evaluated at stage ends
+    template: str = "plain"  # conversation template; see asymoe_train.data.conversation.TEMPLATES
+    split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
+    max_length: int = 128  # sequences longer than this are skipped and counted
+    shuffle_buffer: int = 2000
+    num_workers: int = 1
+    max_bad_fraction: float = 0.01  # abort when more than this fraction of samples is unreadable or malformed
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Loss weights of a stage: L = L_lm + balance * mean_layers(sum_routers L_bal) + z * L_z."""
+
+    balance: float = 0.001
+    z: float = 0.0
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One curriculum stage."""
+
+    source: str = MISSING  # key of data.sources
+    steps: int = MISSING  # optimizer steps
+    batch_size: int = 8  # images (shard samples) per micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    trainable: list[str] = field(default_factory=list)  # groups: see asymoe_train.training.groups.GROUPS
+    upcycle: bool = False  # turn FFN slots into MoE blocks (sparse upcycling) at the start of this stage
+    losses: LossConfig = field(default_factory=LossConfig)
+    eval: bool = True  # evaluate at the end of the stage
+
+
+@dataclass(kw_only=True)
+class CurriculumConfig:
+    """Ordered stages; each starts from the previous stage's final checkpoint."""
+
+    name: str = "two_stage"
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """DeepSpeed engine settings."""
+
+    zero_stage: int = 0  # 0-2 (3 is rejected until proven for MoE)
+    precision: str = "fp32"  # fp32 | bf16
+    grad_clip: float = 1.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    ep_size: int = 1  # expert-parallel size
+    dist_timeout_s: int = 120  # collective timeout, so a mismatch fails fast instead of hanging
+    threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """Weights & Biases (rank 0 only) and the console."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "asymoe_train"
+    entity: str = ""
+    log_every: int = 10  # optimizer steps between logged metrics
+    progress: bool = True  # console progress bar
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Exact-match VQA evaluation by greedy generation."""
+
+    max_samples: int = 0  # questions per split; 0 = all
+    batch_size: int = 256  # questions per generation batch
+    max_new_tokens: int = 4
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Root of the composed configuration."""
+
+    experiment: str = "default"
+    seed: int = 0
+    run_dir: str = MISSING  # outputs/<experiment>/<run_id>; every rank writes under the same one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

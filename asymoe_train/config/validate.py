@@ -1,0 +1,191 @@
+"""Cross-field validation, run right after composing and before anything is built.
+
+Every rule raises ``ValueError`` naming the dotted key, the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from asymoe_train.config.derive import MODALITIES, moe_layer_indices, reachable_experts
+from asymoe_train.config.schema import DataConfig, TrainConfig
+
+VISION_TYPES = ("siglip", "clip")
+LM_TYPES = ("llama", "qwen2", "mistral")
+PRECISIONS = ("fp32", "bf16")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{key}={value} must be > 0")
+
+
+def resolve_data_path(data: DataConfig, path: str) -> str:
+    """A path of the data config: absolute as given, else relative to ``data.root``."""
+    return path if os.path.isabs(path) else os.path.join(data.root, path)
+
+
+def shard_files(data: DataConfig, pattern: str) -> list[str]:
+    """Sorted shard files matched by a glob relative to ``data.root``."""
+    return sorted(glob.glob(resolve_data_path(data, pattern)))
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    vision, lm, moe = cfg.model.vision, cfg.model.lm, cfg.model.moe
+    _choice("model.vision.type", vision.type, VISION_TYPES)
+    _choice("model.lm.type", lm.type, LM_TYPES)
+    _choice("model.lm.attn_implementation", lm.attn_implementation, ("sdpa", "eager"))
+    for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "merge"):
+        _positive(f"model.vision.{key}", getattr(vision, key))
+    if vision.image_size % vision.patch_size:
+        raise ValueError(
+            f"model.vision.image_size={vision.image_size} is not divisible by model.vision.patch_size={vision.patch_size}"
+        )
+    grid = vision.image_size // vision.patch_size
+    if grid % vision.merge:
+        raise ValueError(
+            f"model.vision.merge={vision.merge} does not divide the {grid}x{grid} patch grid; "
+            f"use a divisor of {grid}"
+        )
+    if vision.hidden_size % vision.num_heads:
+        raise ValueError(f"model.vision.hidden_size={vision.hidden_size} is not divisible by num_heads={vision.num_heads}")
+    if lm.hidden_size % lm.num_heads:
+        raise ValueError(f"model.lm.hidden_size={lm.hidden_size} is not divisible by model.lm.num_heads={lm.num_heads}")
+    if lm.num_heads % lm.num_kv_heads:
+        raise ValueError(f"model.lm.num_heads={lm.num_heads} is not divisible by model.lm.num_kv_heads={lm.num_kv_heads}")
+
+    moe_layer_indices(moe.layers, lm.num_layers)
+    if not moe.pools:
+        if moe.routers:
+            raise ValueError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
+        return
+    _positive("model.moe.top_k", moe.top_k)
+    pool_names = [p.name for p in moe.pools]
+    if len(set(pool_names)) != len(pool_names):
+        raise ValueError(f"model.moe.pools has duplicate names {pool_names}")
+    from asymoe_train.moe.experts import EXPERT_TYPES  # torch-free registry keys
+
+    for i, pool in enumerate(moe.pools):
+        _choice(f"model.moe.pools.{i}.expert", pool.expert, sorted(EXPERT_TYPES))
+        _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
+        if pool.num_experts % cfg.engine.ep_size:
+            raise ValueError(
+                f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "
+                f"engine.ep_size={cfg.engine.ep_size}; make every pool a multiple of the expert-parallel size"
+            )
+    if not moe.routers:
+        raise ValueError("model.moe.pools is set but model.moe.routers is empty; add a router that reaches the pools")
+    served: dict[str, str] = {}
+    reached: set[str] = set()
+    for i, router in enumerate(moe.routers):
+        for modality in router.modalities:
+            _choice(f"model.moe.routers.{i}.modalities", modality, MODALITIES)
+            if modality in served:
+                raise ValueError(
+                    f"model.moe.routers.{i}.modalities: {modality!r} tokens are already routed by router "
+                    f"{served[modality]!r}; each modality has exactly one router"
+                )
+            served[modality] = router.name
+        for pool in router.pools:
+            _choice(f"model.moe.routers.{i}.pools", pool, pool_names)
+            reached.add(pool)
+    missing = [m for m in MODALITIES if m not in served]
+    if missing:
+        raise ValueError(f"model.moe.routers: no router serves {missing} tokens; add them to a router's modalities")
+    unreached = [p for p in pool_names if p not in reached]
+    if unreached:
+        raise ValueError(f"model.moe.pools {unreached} are reached by no router; add them to a router's pools")
+    for name, num in reachable_experts(moe).items():
+        if moe.top_k > num:
+            raise ValueError(
+                f"model.moe.top_k={moe.top_k} exceeds the {num} experts router {name!r} can reach; "
+                f"lower top_k or enlarge its pools"
+            )
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    data = cfg.data
+    from asymoe_train.data.conversation import TEMPLATES
+
+    _choice("data.template", data.template, sorted(TEMPLATES))
+    _positive("data.max_length", data.max_length)
+    if data.num_workers < 0:
+        raise ValueError(f"data.num_workers={data.num_workers} must be >= 0")
+    if not 0 <= data.max_bad_fraction < 1:
+        raise ValueError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
+    tokenizer = resolve_data_path(data, data.tokenizer)
+    hint = "build the demo shards with `make data`, or point data.root at your shards"
+    if not os.path.isfile(tokenizer):
+        raise ValueError(f"data.tokenizer: {tokenizer} does not exist; {hint}")
+    for group in ("sources", "eval_sources"):
+        for name, pattern in getattr(data, group).items():
+            if not shard_files(data, pattern):
+                raise ValueError(f"data.{group}.{name}: no shards match {resolve_data_path(data, pattern)}; {hint}")
+
+
+def _validate_curriculum(cfg: TrainConfig) -> None:
+    from asymoe_train.training.groups import GROUPS
+
+    stages = cfg.curriculum.stages
+    if not stages:
+        raise ValueError("curriculum.stages is empty; pick a curriculum, e.g. curriculum=two_stage")
+    upcycles = [name for name, stage in stages.items() if stage.upcycle]
+    if len(upcycles) > 1:
+        raise ValueError(f"curriculum.stages: {upcycles} all set upcycle=true; upcycling happens once")
+    for name, stage in stages.items():
+        key = f"curriculum.stages.{name}"
+        if stage.source not in cfg.data.sources:
+            raise ValueError(f"{key}.source={stage.source!r} is not in data.sources {sorted(cfg.data.sources)}")
+        for field_name in ("steps", "batch_size", "grad_accum", "lr"):
+            _positive(f"{key}.{field_name}", getattr(stage, field_name))
+        if not 0 <= stage.min_lr_ratio <= 1:
+            raise ValueError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
+        if stage.warmup_steps < 0 or stage.warmup_steps >= stage.steps:
+            raise ValueError(f"{key}.warmup_steps={stage.warmup_steps} must be in [0, steps={stage.steps})")
+        if not stage.trainable:
+            raise ValueError(f"{key}.trainable is empty; name the groups to train, e.g. [projector]")
+        for group in stage.trainable:
+            if group.split(".")[0] not in GROUPS:
+                raise ValueError(f"{key}.trainable: unknown group {group!r}; expected one of {sorted(GROUPS)}")
+
+
+def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
+    engine = cfg.engine
+    if engine.zero_stage not in (0, 1, 2):
+        raise ValueError(
+            f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
+            "(ZeRO-3 with MoE experts is not supported)"
+        )
+    _choice("engine.precision", engine.precision, PRECISIONS)
+    if len(engine.adam_betas) != 2:
+        raise ValueError(f"engine.adam_betas={engine.adam_betas} must hold two numbers")
+    _positive("engine.ep_size", engine.ep_size)
+    if world_size % engine.ep_size:
+        raise ValueError(
+            f"engine.ep_size={engine.ep_size} does not divide the world size {world_size}; "
+            "choose an expert-parallel size that divides the number of ranks"
+        )
+    if engine.ep_size > 1:
+        raise ValueError(
+            f"engine.ep_size={engine.ep_size}: expert parallelism is not available yet; use engine.ep_size=1"
+        )
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check a typed config before anything is built; raise ``ValueError`` naming the key and the fix."""
+    _positive("world_size", world_size)
+    _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _positive("logger.log_every", cfg.logger.log_every)
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    _validate_model(cfg)
+    _validate_engine(cfg, world_size)
+    _validate_curriculum(cfg)
+    _validate_data(cfg)

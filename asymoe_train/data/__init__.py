@@ -1,0 +1,1 @@
+"""Conversation encoding, tokenizer and the webdataset pipeline."""

@@ -1,0 +1,255 @@
+"""webdataset pipelines: resampled, rank-balanced training streams and ordered evaluation streams.
+
+A shard sample is ``key.png|jpg`` + ``key.json`` with LLaVA ``conversations``. With ``split_turns`` every QA turn
+becomes its own single-turn sequence and the turns of one image share its encoding (the tower runs once per image).
+Unreadable or malformed samples are skipped and counted; the counts travel with each batch so the trainer can report
+them and stop when they exceed ``data.max_bad_fraction``.
+
+# B sequences, T positions, N images
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from asymoe_train.config.schema import DataConfig
+from asymoe_train.config.validate import shard_files
+from asymoe_train.data.conversation import (
+    IGNORE,
+    IMAGE_PLACEHOLDER,
+    ConversationEncoder,
+    Encoded,
+    MalformedSample,
+    turns,
+)
+from asymoe_train.modality import PAD
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class Sequence:
+    """One encoded sequence, the row of its image in the batch's images (-1: none), and per-turn metadata."""
+
+    encoded: Encoded
+    image_row: int
+    answer: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A collated batch. ``skipped`` counts samples dropped since the previous batch, by reason."""
+
+    input_ids_BT: torch.Tensor
+    labels_BT: torch.Tensor
+    modality_BT: torch.Tensor
+    pixel_values_NCHW: torch.Tensor
+    image_index_B: torch.Tensor
+    num_samples: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids_BT": self.input_ids_BT,
+            "modality_BT": self.modality_BT,
+            "pixel_values_NCHW": self.pixel_values_NCHW,
+            "image_index_B": self.image_index_B,
+        }
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
+        return self
+
+
+def load_image(data: bytes, size: int) -> torch.Tensor:
+    """Decode, convert to RGB, resize to ``size`` and normalise to [-1, 1] (SigLIP/CLIP-style mean 0.5, std 0.5)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        array = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).sub_(0.5).div_(0.5)
+
+
+class SampleDecoder:
+    """Turns raw shard samples into sequences; counts what it skips."""
+
+    def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool):
+        self.encoder = encoder
+        self.image_size = image_size
+        self.max_length = max_length
+        self.split_turns = split_turns
+        self.skipped: Counter[str] = Counter()
+
+    def take_skipped(self) -> dict[str, int]:
+        skipped, self.skipped = dict(self.skipped), Counter()
+        return skipped
+
+    def on_read_error(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable tar members: count, warn, continue."""
+        self.skipped["unreadable_shard"] += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+
+    def decode(self, sample: dict, prompt_only: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Image tensor (or None) and the sample's sequences; raises MalformedSample or returns no sequences."""
+        try:
+            record = json.loads(sample["json"])
+            pairs = turns(record["conversations"])
+        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exn:
+            raise MalformedSample(f"bad json: {exn}") from exn
+        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        image = None
+        if image_key is not None:
+            try:
+                image = load_image(sample[image_key], self.image_size)
+            except Exception as exn:  # PIL raises many types for corrupt files
+                raise MalformedSample(f"unreadable image: {exn}") from exn
+        elif any(IMAGE_PLACEHOLDER in q for q, _ in pairs):
+            raise MalformedSample("conversation has <image> but the sample has no image file")
+        metas = _turn_meta(record, len(pairs))
+        if self.split_turns or prompt_only:
+            groups = [([(_with_image(q, image is not None), a)], [metas[n]]) for n, (q, a) in enumerate(pairs)]
+        else:
+            groups = [(pairs, metas)]
+        sequences = []
+        for group, meta in groups:
+            encoded = self.encoder.encode(group, with_last_answer=not prompt_only)
+            if len(encoded.input_ids) > self.max_length:
+                self.skipped["too_long"] += 1
+                continue
+            sequences.append(Sequence(encoded, 0 if image is not None else -1, group[-1][1].strip(), meta[-1]))
+        return image, sequences
+
+    def batches(self, samples: Iterator[dict], images_per_batch: int, seqs_per_batch: int, prompt_only: bool,
+                max_sequences: int = 0) -> Iterator[Batch]:
+        """Group decoded samples into batches of ``images_per_batch`` samples (or ``seqs_per_batch`` sequences)."""
+        images: list[torch.Tensor] = []
+        sequences: list[Sequence] = []
+        num_samples = 0
+        emitted = 0
+        for sample in samples:
+            try:
+                image, seqs = self.decode(sample, prompt_only)
+            except MalformedSample as exn:
+                self.skipped["malformed"] += 1
+                log.warning("skipping sample %s: %s", sample.get("__key__"), exn)
+                continue
+            if max_sequences:
+                seqs = seqs[: max_sequences - emitted - len(sequences)]
+            if not seqs:
+                continue
+            if image is not None:
+                for seq in seqs:
+                    seq.image_row = len(images)
+                images.append(image)
+            sequences.extend(seqs)
+            num_samples += 1
+            full = num_samples >= images_per_batch if images_per_batch else len(sequences) >= seqs_per_batch
+            done = max_sequences and emitted + len(sequences) >= max_sequences
+            if full or done:
+                yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
+                              left_pad=prompt_only)
+                emitted += len(sequences)
+                images, sequences, num_samples = [], [], 0
+                if done:
+                    return
+        if sequences:
+            yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
+                          left_pad=prompt_only)
+
+
+def _with_image(question: str, has_image: bool) -> str:
+    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    return f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
+
+
+def _turn_meta(record: dict, num_turns: int) -> list[dict]:
+    """Per-turn metadata from list-valued fields aligned with turns (e.g. qtype, family, answer)."""
+    metas: list[dict] = [{} for _ in range(num_turns)]
+    for key, value in record.items():
+        if key != "conversations" and isinstance(value, list) and len(value) == num_turns:
+            for meta, item in zip(metas, value):
+                meta[key] = item
+    return metas
+
+
+def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: int, skipped: dict[str, int],
+            pad_id: int, left_pad: bool = False) -> Batch:
+    """Pad sequences to a common length (left for generation prompts, right for training)."""
+    length = max(len(s.encoded.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE, dtype=torch.long)
+    modality = torch.full((len(sequences), length), PAD, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq.encoded.input_ids)
+        cols = slice(length - n, length) if left_pad else slice(0, n)
+        input_ids[row, cols] = torch.tensor(seq.encoded.input_ids)
+        labels[row, cols] = torch.tensor(seq.encoded.labels)
+        modality[row, cols] = torch.tensor(seq.encoded.modality)
+    pixels = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
+    return Batch(
+        input_ids_BT=input_ids,
+        labels_BT=labels,
+        modality_BT=modality,
+        pixel_values_NCHW=pixels,
+        image_index_B=torch.tensor([s.image_row for s in sequences], dtype=torch.long),
+        num_samples=num_samples,
+        skipped=skipped,
+        answers=[s.answer for s in sequences],
+        meta=[s.meta for s in sequences],
+    )
+
+
+def _worker_seed(rank: int):
+    def seed() -> int:
+        info = torch.utils.data.get_worker_info()
+        return rank * 1000 + (info.id if info is not None else 0)
+
+    return seed
+
+
+def train_loader(data: DataConfig, pattern: str, decoder: SampleDecoder, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> torch.utils.data.DataLoader:
+    """An endless, resampled stream of training batches; each rank and worker draws shards with its own seed.
+
+    The trainer takes exactly ``steps * grad_accum`` batches per stage, so every rank runs the same number of steps
+    whatever the shard count (resampling avoids the uneven split of ``split_by_node``).
+    """
+    urls = shard_files(data, pattern)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_seed(rank), deterministic=True),
+        wds.tarfile_to_samples(handler=decoder.on_read_error),
+        wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 500), seed=seed + 7919 * rank),
+        lambda samples: decoder.batches(samples, batch_size, 0, prompt_only=False),
+    )
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=data.num_workers, persistent_workers=False,
+        prefetch_factor=4 if data.num_workers else None,
+    )
+
+
+def eval_batches(data: DataConfig, pattern: str, decoder: SampleDecoder, questions_per_batch: int,
+                 max_questions: int = 0) -> Iterator[Batch]:
+    """Ordered generation prompts over all shards (first ``max_questions`` questions when set)."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shard_files(data, pattern)),
+        wds.tarfile_to_samples(handler=decoder.on_read_error),
+    )
+    return decoder.batches(iter(pipeline), 0, questions_per_batch, prompt_only=True, max_sequences=max_questions)

@@ -1,0 +1,1 @@
+"""Generation-based VQA evaluation."""

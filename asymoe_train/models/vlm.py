@@ -1,0 +1,160 @@
+"""The vision-language model: vision tower -> patch merge -> projector -> LM decoder with MoE slots.
+
+The decoder loop lives here (not inside Hugging Face's layer forward) so that MoE blocks receive per-token modality
+and return their losses and statistics as values.
+
+# B sequences, T positions, D LM hidden, N images, P patches, I image tokens per image, V vocab
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from asymoe_train.config.derive import moe_layer_indices
+from asymoe_train.config.schema import ModelConfig
+from asymoe_train.modality import IMAGE, PAD
+from asymoe_train.models.backbones import build_language_model, build_vision_tower
+from asymoe_train.moe.block import MoEBlock, MoEOutput
+
+
+class Projector(nn.Module):
+    """Two-layer GELU MLP from merged vision features to LM embeddings (LLaVA-1.5 mlp2x_gelu)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@dataclass
+class VLMOutput:
+    logits_BTV: torch.Tensor
+    moe: dict[int, MoEOutput] = field(default_factory=dict)  # MoE layer index -> block output
+
+
+class VisionLanguageModel(nn.Module):
+    """Vision tower, projector and a Llama-family LM whose FFN slots in ``moe_layers`` can become MoE blocks."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = build_vision_tower(cfg.vision)
+        self.lm = build_language_model(cfg.lm, vocab_size, pad_token_id)
+        lm_hidden = self.lm.config.hidden_size
+        vision_hidden = self.vision.config.hidden_size
+        self.merge = cfg.vision.merge
+        self.projector = Projector(vision_hidden * self.merge**2, cfg.projector.hidden_size or lm_hidden, lm_hidden)
+        self.moe_layers = moe_layer_indices(cfg.moe.layers, self.lm.config.num_hidden_layers)
+        self.dispatcher = None  # None = local dispatch; the distributed layer injects another
+
+    # ----------------------------------------------------------------------------------------------------- structure
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.lm.model.layers
+
+    @property
+    def is_upcycled(self) -> bool:
+        return any(isinstance(self.layers[i].mlp, MoEBlock) for i in self.moe_layers)
+
+    def upcycle(self, generator: torch.Generator | None = None) -> None:
+        """Sparse upcycling: replace the MLP of every MoE layer by an MoE block whose experts copy it.
+
+        A dense variant (no pools) keeps its MLPs.
+        """
+        if not self.cfg.moe.pools or self.is_upcycled:
+            return
+        lm_cfg = self.lm.config
+        for i in self.moe_layers:
+            self.layers[i].mlp = MoEBlock.upcycle(
+                self.layers[i].mlp, self.cfg.moe, lm_cfg.hidden_size, lm_cfg.intermediate_size, lm_cfg.hidden_act,
+                self.dispatcher, generator,
+            )
+
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        return {i: self.layers[i].mlp for i in self.moe_layers if isinstance(self.layers[i].mlp, MoEBlock)}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total parameters, parameters activated per token): experts count top_k times, not all."""
+        total = sum(p.numel() for p in self.parameters())
+        activated = total
+        for block in self.moe_blocks().values():
+            experts_total, per_expert = block.expert_param_count()
+            activated += block.top_k * per_expert - experts_total
+        return total, activated
+
+    # ------------------------------------------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values_NCHW: torch.Tensor) -> torch.Tensor:
+        """Images -> LM-space image tokens ``[N, I, D]``: tower features, merge x merge patch concat, projector."""
+        feature_layer = self.cfg.vision.feature_layer
+        out = self.vision(pixel_values=pixel_values_NCHW, output_hidden_states=feature_layer != -1)
+        feats_NPC = out.last_hidden_state if feature_layer == -1 else out.hidden_states[feature_layer]
+        if self.cfg.vision.type == "clip":
+            feats_NPC = feats_NPC[:, 1:]  # drop CLS: image tokens are patches
+        n, p, c = feats_NPC.shape
+        grid = int(round(p**0.5))
+        m = self.merge
+        feats = feats_NPC.reshape(n, grid // m, m, grid // m, m, c).permute(0, 1, 3, 2, 4, 5)
+        return self.projector(feats.reshape(n, (grid // m) ** 2, m * m * c))
+
+    def embed(self, input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B) -> torch.Tensor:
+        """Token embeddings with each sequence's image tokens written at its image positions."""
+        embeds_BTD = self.lm.get_input_embeddings()(input_ids_BT)
+        image_mask_BT = modality_BT == IMAGE
+        if pixel_values_NCHW.shape[0] == 0:
+            if image_mask_BT.any():
+                raise ValueError("batch has image positions but no pixel values")
+            return embeds_BTD
+        images_NID = self.encode_images(pixel_values_NCHW.to(embeds_BTD.dtype))
+        has_image_B = image_index_B >= 0
+        per_seq = images_NID[image_index_B[has_image_B]].reshape(-1, embeds_BTD.shape[-1])
+        assert per_seq.shape[0] == int(image_mask_BT.sum()), "image positions do not match image tokens"
+        return embeds_BTD.masked_scatter(image_mask_BT.unsqueeze(-1), per_seq.to(embeds_BTD.dtype))
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        modality_BT: torch.Tensor,
+        pixel_values_NCHW: torch.Tensor,
+        image_index_B: torch.Tensor,
+    ) -> VLMOutput:
+        h_BTD = self.embed(input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B)
+        b, t, d = h_BTD.shape
+        keep_BT = modality_BT != PAD
+        position_BT = (keep_BT.long().cumsum(-1) - 1).clamp_min(0)  # works for left and right padding
+        causal_TT = torch.ones(t, t, dtype=torch.bool, device=h_BTD.device).tril()
+        allowed_B1TT = (causal_TT.unsqueeze(0) & keep_BT.unsqueeze(1)).unsqueeze(1)
+        # Additive mask with finfo.min (not -inf) so fully masked pad rows stay finite.
+        mask_B1TT = torch.zeros(allowed_B1TT.shape, dtype=h_BTD.dtype, device=h_BTD.device)
+        mask_B1TT.masked_fill_(~allowed_B1TT, torch.finfo(h_BTD.dtype).min)
+        rope = self.lm.model.rotary_emb(h_BTD, position_BT)
+        modality_T = modality_BT.reshape(-1)
+        moe_out: dict[int, MoEOutput] = {}
+        for i, layer in enumerate(self.layers):
+            attn, _ = layer.self_attn(
+                hidden_states=layer.input_layernorm(h_BTD), position_embeddings=rope, attention_mask=mask_B1TT
+            )
+            h_BTD = h_BTD + attn
+            x_BTD = layer.post_attention_layernorm(h_BTD)
+            if isinstance(layer.mlp, MoEBlock):
+                out = layer.mlp(x_BTD.reshape(b * t, d), modality_T)
+                moe_out[i] = out
+                x_BTD = out.hidden_TD.reshape(b, t, d)
+            else:
+                x_BTD = layer.mlp(x_BTD)
+            h_BTD = h_BTD + x_BTD
+        logits = self.lm.lm_head(self.lm.model.norm(h_BTD))
+        return VLMOutput(logits_BTV=logits, moe=moe_out)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, seed: int = 0) -> VisionLanguageModel:
+    """Build the dense model (MoE slots still hold MLPs) with deterministic initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionLanguageModel(cfg, vocab_size, pad_token_id)

@@ -1,0 +1,63 @@
+"""Expert pools. A pool runs each of its experts on a contiguous slice of expert-sorted tokens.
+
+# N tokens in a slice, D model dim, F expert hidden dim, E experts in the pool
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU FFN experts (the Llama MLP form), weights stacked as ``[E, out, in]`` like ``nn.Linear``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.act_name = act
+        self.act = ACT2FN[act]
+        self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        for weight in (self.gate_EFD, self.up_EFD, self.down_EDF):
+            nn.init.normal_(weight, std=0.02)
+
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` applied to its tokens."""
+        h_NF = self.act(nn.functional.linear(x_ND, self.gate_EFD[e])) * nn.functional.linear(x_ND, self.up_EFD[e])
+        return nn.functional.linear(h_NF, self.down_EDF[e])
+
+    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts[e]`` of them for expert e; returns outputs in the same order."""
+        outputs = []
+        start = 0
+        for e, count in enumerate(counts):
+            # Zero-token experts still run (on an empty slice) so every rank executes the same graph.
+            outputs.append(self.expert(e, x_ND[start : start + count]))
+            start += count
+        return torch.cat(outputs, dim=0)
+
+    @torch.no_grad()
+    def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert (sparse upcycling)."""
+        for target, source in (
+            (self.gate_EFD, mlp.gate_proj.weight),
+            (self.up_EFD, mlp.up_proj.weight),
+            (self.down_EDF, mlp.down_proj.weight),
+        ):
+            if target.shape[1:] != source.shape:
+                raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
+            target.copy_(source.unsqueeze(0).expand_as(target))
+            if noise_std > 0:
+                noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
+                target.add_(noise * noise_std * source.float().std().to(target))
+
+    def params_per_expert(self) -> int:
+        """Parameters of one expert."""
+        return (self.gate_EFD.numel() + self.up_EFD.numel() + self.down_EDF.numel()) // self.num_experts
+
+
+# Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert).
+EXPERT_TYPES: dict[str, type[nn.Module]] = {"ffn": SwiGLUExperts}

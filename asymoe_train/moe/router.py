@@ -1,0 +1,62 @@
+"""Top-k router with fp32 logits and softmax, renormalised top-k weights, and its auxiliary losses.
+
+# N tokens this router serves, D model dim, R experts it can reach, K top-k
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """One router's decision for its tokens."""
+
+    weights_NK: torch.Tensor  # renormalised top-k weights (fp32)
+    experts_NK: torch.Tensor  # router-local expert index in [0, R)
+    probs_NR: torch.Tensor  # full softmax (fp32)
+    logits_NR: torch.Tensor  # fp32
+
+
+class TopKRouter(nn.Module):
+    """Linear router without bias; no noise, so training and eval route identically."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02):
+        super().__init__()
+        self.top_k = top_k
+        self.weight_RD = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        if init_std > 0:
+            nn.init.normal_(self.weight_RD, std=init_std)
+
+    def forward(self, x_ND: torch.Tensor) -> Routing:
+        # fp32 logits and softmax: bf16 logits make near-ties flip between steps and destabilise routing.
+        logits_NR = nn.functional.linear(x_ND.float(), self.weight_RD.float())
+        probs_NR = logits_NR.softmax(dim=-1)
+        top_NK, experts_NK = probs_NR.topk(self.top_k, dim=-1)
+        weights_NK = top_NK / top_NK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        return Routing(weights_NK, experts_NK, probs_NR, logits_NR)
+
+
+def balance_loss(routing: Routing) -> torch.Tensor:
+    """Switch-style load-balancing loss R * sum_i f_i * P_i over this router's tokens and reachable experts.
+
+    f_i is the fraction of top-k assignments that go to expert i, P_i the mean router probability of expert i.
+    Equals 1 under perfectly uniform routing. A router with no tokens contributes 0 (still a graph node).
+    """
+    num_tokens, num_experts = routing.probs_NR.shape
+    counts_R = torch.zeros(num_experts, device=routing.probs_NR.device, dtype=torch.float32)
+    counts_R.index_add_(0, routing.experts_NK.reshape(-1), torch.ones_like(routing.weights_NK.reshape(-1)))
+    denom = max(num_tokens, 1)
+    f_R = counts_R / (denom * routing.experts_NK.shape[-1])
+    p_R = routing.probs_NR.sum(dim=0) / denom
+    return num_experts * (f_R * p_R).sum()
+
+
+def z_loss(routing: Routing) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-sum-exp of the logits; keeps logits small."""
+    if routing.logits_NR.shape[0] == 0:
+        return routing.logits_NR.sum()
+    return torch.logsumexp(routing.logits_NR, dim=-1).square().mean()

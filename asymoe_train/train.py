@@ -1,0 +1,33 @@
+"""Training entry point: compose -> convert -> validate -> build -> Trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from asymoe_train.config import to_typed, validate
+from asymoe_train.distributed.engine import init_distributed, world
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the curriculum of a composed config; prints ``run_dir: <path>`` last."""
+    typed = to_typed(cfg)
+    rank, world_size = world()
+    validate(typed, world_size)  # before any process group or model exists
+    if typed.engine.threads:
+        torch.set_num_threads(typed.engine.threads)
+    os.makedirs(typed.run_dir, exist_ok=True)
+    if rank == 0:
+        OmegaConf.save(OmegaConf.structured(typed), os.path.join(typed.run_dir, "config.yaml"))
+    init_distributed(typed.engine)
+    from asymoe_train.training.trainer import Trainer
+
+    results = Trainer(typed, rank, world_size).run()
+    if rank == 0:
+        print(f"run_dir: {typed.run_dir}")
+    return results

@@ -1,0 +1,1 @@
+"""Trainer, curriculum stages, trainable groups, losses and checkpoints."""

@@ -1,0 +1,68 @@
+"""Named trainable groups: stages list group names, never parameter-name substrings.
+
+``experts`` means every pool; ``experts.<pool>`` one pool.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from asymoe_train.moe.block import MoEBlock
+
+GROUPS = {
+    "vision": "the vision tower",
+    "projector": "the vision-to-LM projector",
+    "embeddings": "token embeddings and the LM head",
+    "attention": "self-attention of every decoder layer",
+    "norms": "RMSNorms of the decoder",
+    "mlp": "dense FFNs (all FFN slots before upcycling, non-MoE layers after)",
+    "experts": "MoE experts (experts.<pool> for one pool)",
+    "routers": "MoE routers",
+}
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter of a VisionLanguageModel under exactly one group name (``experts.<pool>`` for experts)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+
+    def add(group: str, prefix: str, module: nn.Module) -> None:
+        for name, param in module.named_parameters(prefix=prefix):
+            groups.setdefault(group, []).append((name, param))
+
+    add("vision", "vision", model.vision)
+    add("projector", "projector", model.projector)
+    lm = model.lm
+    add("embeddings", "lm.model.embed_tokens", lm.model.embed_tokens)
+    if lm.lm_head.weight is not lm.model.embed_tokens.weight:
+        add("embeddings", "lm.lm_head", lm.lm_head)
+    add("norms", "lm.model.norm", lm.model.norm)
+    for i, layer in enumerate(lm.model.layers):
+        prefix = f"lm.model.layers.{i}"
+        add("attention", f"{prefix}.self_attn", layer.self_attn)
+        add("norms", f"{prefix}.input_layernorm", layer.input_layernorm)
+        add("norms", f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm)
+        if isinstance(layer.mlp, MoEBlock):
+            for pool_name, pool in layer.mlp.pools.items():
+                add(f"experts.{pool_name}", f"{prefix}.mlp.pools.{pool_name}", pool)
+            add("routers", f"{prefix}.mlp.routers", layer.mlp.routers)
+        else:
+            add("mlp", f"{prefix}.mlp", layer.mlp)
+    seen = {id(p) for members in groups.values() for _, p in members}
+    missing = [name for name, p in model.named_parameters() if id(p) not in seen]
+    assert not missing, f"parameters outside every group: {missing[:5]}"
+    return groups
+
+
+def set_trainable(model: nn.Module, trainable: list[str]) -> dict[str, int]:
+    """Freeze everything, then unfreeze the named groups; returns trainable parameter counts per group."""
+    groups = parameter_groups(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    counts: dict[str, int] = {}
+    for wanted in trainable:
+        matched = [g for g in groups if g == wanted or g.startswith(wanted + ".")]
+        for group in matched:
+            for _, param in groups[group]:
+                param.requires_grad_(True)
+            counts[group] = sum(p.numel() for _, p in groups[group])
+    return counts

@@ -1,0 +1,234 @@
+"""The trainer: for each curriculum stage, build the stage's model from the previous stage's checkpoint, train it
+with a DeepSpeed engine, save, and evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.config.schema import StageConfig, TrainConfig
+from asymoe_train.config.validate import resolve_data_path
+from asymoe_train.data.conversation import ConversationEncoder
+from asymoe_train.data.pipeline import Batch, SampleDecoder, eval_batches, train_loader
+from asymoe_train.data.tokenizer import TextTokenizer
+from asymoe_train.distributed.engine import build_engine
+from asymoe_train.evaluation.vqa import evaluate
+from asymoe_train.models.vlm import VisionLanguageModel, build_model
+from asymoe_train.modality import IMAGE, PAD
+from asymoe_train.observability.logger import MetricsLogger
+from asymoe_train.observability.moe_metrics import ExpertLoad
+from asymoe_train.training.checkpoint import load_stage_weights, save_stage
+from asymoe_train.training.groups import set_trainable
+from asymoe_train.training.losses import total_loss
+
+log = logging.getLogger(__name__)
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class BadSampleBudget:
+    """Counts skipped samples and stops the run when they exceed ``data.max_bad_fraction``."""
+
+    MIN_SEEN = 200  # do not judge the fraction on a handful of samples
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = max_fraction
+        self.seen = 0
+        self.skipped: dict[str, int] = {}
+
+    def add(self, batch: Batch) -> None:
+        self.seen += batch.num_samples + sum(batch.skipped.values())
+        for reason, count in batch.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        bad = sum(self.skipped.values())
+        if self.seen >= self.MIN_SEEN and bad > self.max_fraction * self.seen:
+            raise RuntimeError(
+                f"{bad} of {self.seen} samples were skipped ({self.skipped}), more than "
+                f"data.max_bad_fraction={self.max_fraction}; check the shards or raise the limit"
+            )
+
+    def summary(self) -> str:
+        return f"skipped {sum(self.skipped.values())} of {self.seen} samples {self.skipped or ''}".strip()
+
+
+class Trainer:
+    """Runs the curriculum of a validated config in ``cfg.run_dir``."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = cfg.run_dir
+        self.tokenizer = TextTokenizer(resolve_data_path(cfg.data, cfg.data.tokenizer))
+        self.num_image_tokens = image_tokens_per_image(cfg.model.vision)
+        self.encoder = ConversationEncoder(self.tokenizer, cfg.data.template, self.num_image_tokens)
+        self.global_step = 0
+        self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        os.makedirs(os.path.join(self.run_dir, "eval"), exist_ok=True)
+        self.logger = MetricsLogger(cfg.logger, self.run_dir, f"{cfg.experiment}/{os.path.basename(self.run_dir)}",
+                                    asdict(cfg), rank)
+
+    def decoder(self) -> SampleDecoder:
+        return SampleDecoder(self.encoder, self.cfg.model.vision.image_size, self.cfg.data.max_length,
+                             self.cfg.data.split_turns)
+
+    # ------------------------------------------------------------------------------------------------------ model
+    def build_stage_model(self, index: int) -> VisionLanguageModel:
+        """The model a stage starts from: the previous stage's weights, upcycled if this or an earlier stage says so."""
+        names = list(self.cfg.curriculum.stages)
+        stages = list(self.cfg.curriculum.stages.values())
+        model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+        if index > 0:
+            if any(s.upcycle for s in stages[:index]):
+                model.upcycle()
+            load_stage_weights(model, self.run_dir, names[index - 1])
+        if stages[index].upcycle:
+            generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+            model.upcycle(generator)
+        return model
+
+    def describe(self) -> None:
+        """Print what a user checks before a long run: parameters, batch sizes, image tokens."""
+        if self.rank:
+            return
+        with torch.device("meta"):
+            model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id)
+            dense_total, _ = model.parameter_counts()
+            model.upcycle()
+            total, activated = model.parameter_counts()
+        moe = self.cfg.model.moe
+        print(f"model: variant={moe.variant} moe_layers={model.moe_layers} "
+              f"pools={[(p.name, p.num_experts) for p in moe.pools]} top_k={moe.top_k}")
+        print(f"parameters: dense {format_count(dense_total)} | after upcycling: total {format_count(total)}, "
+              f"activated per token {format_count(activated)}")
+        for name, stage in self.cfg.curriculum.stages.items():
+            images = stage.batch_size * stage.grad_accum * self.world_size
+            print(f"stage {name}: {stage.steps} steps, global batch {images} samples (images) "
+                  f"= {stage.batch_size} x grad_accum {stage.grad_accum} x {self.world_size} ranks, "
+                  f"{images * self.num_image_tokens} image tokens per step into the vision tower; "
+                  f"trainable {stage.trainable}; lr {stage.lr}")
+
+    # ------------------------------------------------------------------------------------------------------ train
+    def run(self) -> dict:
+        """All stages in order; returns the evaluation results per stage."""
+        self.describe()
+        results = {}
+        for index, (name, stage) in enumerate(self.cfg.curriculum.stages.items()):
+            results[name] = self.run_stage(index, name, stage)
+        self.logger.close()
+        return results
+
+    def run_stage(self, index: int, name: str, stage: StageConfig) -> dict:
+        model = self.build_stage_model(index)
+        counts = set_trainable(model, stage.trainable)
+        engine = build_engine(model, self.cfg.engine, stage, stage.steps)
+        decoder = self.decoder()
+        loader = train_loader(self.cfg.data, self.cfg.data.sources[stage.source], decoder, stage.batch_size,
+                              seed=self.cfg.seed * 100 + index, rank=self.rank, world_size=self.world_size)
+        stream = iter(loader)
+        budget = BadSampleBudget(self.cfg.data.max_bad_fraction)
+        load = ExpertLoad()
+        if self.rank == 0:
+            print(f"== stage {name} ({index + 1}/{len(self.cfg.curriculum.stages)}): source={stage.source} "
+                  f"trainable={ {g: format_count(c) for g, c in counts.items()} }")
+        progress = tqdm(total=stage.steps, desc=name, disable=self.rank != 0 or not self.cfg.logger.progress,
+                        mininterval=2.0, dynamic_ncols=True)
+        window = {"tokens": 0, "samples": 0, "sequences": 0, "data_s": 0.0, "start": time.perf_counter()}
+        metrics: dict[str, float] = {}
+        for step in range(stage.steps):
+            for _ in range(stage.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(stream)
+                window["data_s"] += time.perf_counter() - t0
+                budget.add(batch)
+                if step == 0 and self.rank == 0 and not window["sequences"]:
+                    self.print_first_batch(batch, stage)
+                batch.to(engine.device, self.dtype)
+                out = engine(**batch.model_inputs())
+                loss, metrics = total_loss(out, batch.labels_BT, stage.losses)
+                engine.backward(loss)
+                engine.step()
+                load.add(out.moe)
+                window["tokens"] += int((batch.modality_BT != PAD).sum())
+                window["samples"] += batch.num_samples
+                window["sequences"] += batch.input_ids_BT.shape[0]
+            if not torch.isfinite(torch.tensor(metrics["loss/total"])):
+                raise FloatingPointError(f"stage {name} step {step}: loss is {metrics['loss/total']}; "
+                                         "lower the learning rate or check the data")
+            self.global_step += 1
+            progress.update(1)
+            if step % 5 == 0:
+                progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", refresh=False)
+            if (step + 1) % self.cfg.logger.log_every == 0 or step + 1 == stage.steps:
+                elapsed = time.perf_counter() - window["start"]
+                speed = {
+                    "perf/tokens_per_s": window["tokens"] / elapsed,
+                    "perf/samples_per_s": window["samples"] * self.world_size / elapsed,
+                    "perf/sequences_per_s": window["sequences"] * self.world_size / elapsed,
+                    "perf/data_wait_share": window["data_s"] / elapsed,
+                }
+                progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{speed['perf/tokens_per_s']:.0f}")
+                grad_norm = engine.get_global_grad_norm()
+                self.logger.log({**metrics, **speed, **load.metrics(), "lr": engine.get_lr()[0],
+                                 "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                                 "stage": index}, self.global_step)
+                window = {"tokens": 0, "samples": 0, "sequences": 0, "data_s": 0.0, "start": time.perf_counter()}
+        progress.close()
+        if self.rank == 0:
+            print(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}")
+        save_stage(engine, model, self.run_dir, name, self.rank)
+        result = self.evaluate(model, name, engine.device) if stage.eval else {}
+        del stream, loader
+        return result
+
+    def print_first_batch(self, batch: Batch, stage: StageConfig) -> None:
+        seqs = batch.input_ids_BT.shape[0]
+        tokens = int((batch.modality_BT != PAD).sum())
+        image_tokens = int((batch.modality_BT == IMAGE).sum())
+        scale = stage.grad_accum * self.world_size
+        print(f"first micro-batch: {batch.num_samples} samples -> {seqs} sequences, {tokens} tokens "
+              f"({image_tokens} image tokens) of length <= {batch.input_ids_BT.shape[1]}; global step ~ "
+              f"{seqs * scale} sequences, {tokens * scale} tokens, {image_tokens * scale} image tokens")
+
+    # ------------------------------------------------------------------------------------------------------- eval
+    def evaluate(self, model: VisionLanguageModel, stage: str, device) -> dict:
+        """Exact-match accuracy on every eval source; table on the console, ``eval/<stage>.json`` on disk."""
+        if self.rank != 0 or not self.cfg.data.eval_sources:
+            return {}
+        results = {}
+        for split, pattern in self.cfg.data.eval_sources.items():
+            batches = eval_batches(self.cfg.data, pattern, self.decoder(), self.cfg.eval.batch_size,
+                                   self.cfg.eval.max_samples)
+            t0 = time.perf_counter()
+            results[split] = evaluate(model, batches, self.tokenizer, self.cfg.eval.max_new_tokens, device,
+                                      self.dtype)
+            results[split]["seconds"] = round(time.perf_counter() - t0, 1)
+        path = os.path.join(self.run_dir, "eval", f"{stage}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"stage": stage, "step": self.global_step, "splits": results}, f, indent=2)
+        self.print_eval(stage, results)
+        self.logger.log({f"eval/{split}/{key}": value["accuracy"] for split, r in results.items()
+                         for key, value in r["breakdown"].items()}, self.global_step)
+        return results
+
+    @staticmethod
+    def print_eval(stage: str, results: dict) -> None:
+        keys = sorted({k for r in results.values() for k in r["breakdown"]}, key=lambda k: (k != "all", k))
+        print(f"eval after stage {stage} (exact match):")
+        print(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}")
+        for split, r in results.items():
+            cells = "".join(
+                f"{r['breakdown'][k]['accuracy']:>12.3f}" if k in r["breakdown"] else f"{'-':>12}" for k in keys
+            )
+            print(f"  {split:<12}{cells}{r['num_questions']:>11}")
