@@ -1,0 +1,131 @@
+"""Conversation encoding, masking and the webdataset pipeline on shards the test writes itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from asymoe_train.config.schema import DataConfig
+from asymoe_train.data.conversation import IGNORE, ConversationEncoder, MalformedSample, turns
+from asymoe_train.data.pipeline import SampleDecoder, eval_batches, train_loader
+from asymoe_train.data.tokenizer import TextTokenizer
+from asymoe_train.modality import IMAGE, PAD, TEXT
+
+NUM_IMAGE_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> TextTokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["USER: what color is the shape?\nASSISTANT: blue red circle yes no"] * 10, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return TextTokenizer(str(path))
+
+
+def png(color=(255, 0, 0), size=64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def conversation(*pairs):
+    msgs = []
+    for n, (q, a) in enumerate(pairs):
+        msgs += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return msgs
+
+
+def test_labels_cover_exactly_the_answer_tokens(tokenizer):
+    enc = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
+    seq = enc.encode([("<image>\nwhat color is the shape?", "blue")])
+    answer = tokenizer.encode("blue") + [tokenizer.eos_id]
+    supervised = [t for t in seq.labels if t != IGNORE]
+    assert supervised == answer
+    assert seq.input_ids[-len(answer):] == answer  # the supervised tokens are the last ones, in order
+    assert seq.modality.count(IMAGE) == NUM_IMAGE_TOKENS
+    image_positions = [i for i, m in enumerate(seq.modality) if m == IMAGE]
+    assert all(seq.input_ids[i] == tokenizer.image_id for i in image_positions)
+    assert all(seq.labels[i] == IGNORE for i in image_positions)
+    assert tokenizer.decode([t for t, m in zip(seq.input_ids, seq.modality) if m == TEXT]).startswith("USER: ")
+    prompt = enc.encode([("<image>\nwhat color is the shape?", "blue")], with_last_answer=False)
+    assert prompt.input_ids == seq.input_ids[: -len(answer)]
+
+
+def test_multi_turn_supervises_every_answer(tokenizer):
+    enc = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
+    seq = enc.encode([("<image>\nq one", "red"), ("q two", "circle")])
+    expected = tokenizer.encode("red") + [tokenizer.eos_id] + tokenizer.encode("circle") + [tokenizer.eos_id]
+    assert [t for t in seq.labels if t != IGNORE] == expected
+
+
+def test_malformed_conversations_raise():
+    with pytest.raises(MalformedSample):
+        turns([{"from": "human", "value": "q"}])
+    with pytest.raises(MalformedSample):
+        turns([{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}])
+
+
+def write_shards(directory, samples, per_shard=3):
+    os.makedirs(directory, exist_ok=True)
+    with wds.ShardWriter(os.path.join(directory, "qa-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def good_sample(i):
+    pairs = [("what color is the shape?", "red"), ("is there a circle?", "yes"), ("what is the red shape?", "circle")]
+    return {"__key__": f"s{i:04d}", "png": png(), "json": json.dumps({
+        "conversations": conversation(*pairs), "family": ["colour", "yes/no", "shape"],
+        "answer": [a for _, a in pairs]}).encode()}
+
+
+def test_pipeline_splits_turns_shares_images_and_skips_bad_samples(tmp_path, tokenizer):
+    samples = [good_sample(i) for i in range(10)]
+    samples[3]["png"] = b"not a png"  # unreadable image
+    samples[6]["json"] = b"{broken"  # malformed json
+    write_shards(tmp_path, samples)
+    data = DataConfig(root=str(tmp_path), sources={"qa": "qa-*.tar"})
+    decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, split_turns=True)
+    batches = list(eval_batches(data, "qa-*.tar", decoder, questions_per_batch=6))
+    assert sum(b.input_ids_BT.shape[0] for b in batches) == 8 * 3  # 8 good images x 3 turns
+    assert sum(sum(b.skipped.values()) for b in batches) == 2
+    first = batches[0]
+    assert first.pixel_values_NCHW.shape[1:] == (3, 32, 32)  # resized to the tower's size
+    assert first.image_index_B.tolist() == [0, 0, 0, 1, 1, 1]  # turns of one image share its row
+    assert first.meta[0]["family"] == "colour" and first.answers[2] == "circle"
+    # generation prompts are left-padded: the last position is real text for every row
+    assert (first.modality_BT[:, -1] == TEXT).all()
+    assert ((first.modality_BT == IMAGE).sum(1) == NUM_IMAGE_TOKENS).all()
+
+
+def test_train_stream_is_endless_balanced_and_deterministic(tmp_path, tokenizer):
+    write_shards(tmp_path, [good_sample(i) for i in range(7)])
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=4)
+
+    def first_batches(rank, n=6):
+        decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, True)
+        stream = iter(train_loader(data, "qa-*.tar", decoder, batch_size=4, seed=3, rank=rank, world_size=2))
+        return [next(stream) for _ in range(n)]
+
+    a, b = first_batches(0), first_batches(0)
+    other = first_batches(1)
+    assert all(x.num_samples == 4 for x in a)  # 6 batches from 7 samples: the stream resamples, never ends
+    assert all(torch.equal(x.input_ids_BT, y.input_ids_BT) for x, y in zip(a, b))
+    for batch in a:
+        labels = batch.labels_BT
+        assert ((labels != IGNORE) <= (batch.modality_BT == TEXT)).all()  # only text positions carry labels
+        assert (batch.modality_BT[:, 0] != PAD).all()  # training batches are right-padded
+    assert len(other) == len(a)

@@ -1,0 +1,98 @@
+"""The vision-language model: upcycling equivalence end to end, padding invariance, trainable groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asymoe_train.config.schema import LMConfig, ModelConfig, MoEConfig, PoolConfig, RouterConfig, VisionConfig
+from asymoe_train.models.vlm import build_model
+from asymoe_train.modality import IMAGE, PAD, TEXT
+from asymoe_train.training.groups import GROUPS, parameter_groups, set_trainable
+
+VOCAB = 50
+
+
+def tiny(moe: MoEConfig, vision_type: str = "siglip") -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(type=vision_type, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                            intermediate_size=64, merge=2),
+        lm=LMConfig(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                    attn_implementation="eager"),
+        moe=moe,
+    )
+
+
+MOIIE = MoEConfig(variant="moiie", top_k=2, router_init_std=0.5, pools=[
+    PoolConfig(name="vision", num_experts=2), PoolConfig(name="text", num_experts=2),
+    PoolConfig(name="shared", num_experts=2)], routers=[
+    RouterConfig(name="vision", modalities=["image"], pools=["vision", "shared"]),
+    RouterConfig(name="text", modalities=["text"], pools=["text", "shared"])])
+
+
+def batch(left_pad: bool = False):
+    """Two sequences sharing one image, one text-only, with padding; 4 image tokens each (32 px, patch 8, merge 2)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [12, 9, 7]
+    images = [True, True, False]
+    t = max(lengths)
+    ids = torch.zeros(3, t, dtype=torch.long)
+    mod = torch.full((3, t), PAD)
+    for row, (n, has_image) in enumerate(zip(lengths, images)):
+        cols = slice(t - n, t) if left_pad else slice(0, n)
+        seq_mod = torch.full((n,), TEXT)
+        if has_image:
+            seq_mod[2:6] = IMAGE
+        ids[row, cols] = torch.randint(4, VOCAB, (n,), generator=g)
+        mod[row, cols] = seq_mod
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    return ids, mod, pixels, torch.tensor([0, 0, -1])
+
+
+@pytest.mark.parametrize("vision_type", ["siglip", "clip"])
+def test_upcycled_model_reproduces_dense_model(vision_type):
+    model = build_model(tiny(MOIIE, vision_type), VOCAB, 0, seed=0).eval()
+    ids, mod, pixels, index = batch()
+    dense = model(ids, mod, pixels, index).logits_BTV
+    model.upcycle()
+    assert model.is_upcycled and sorted(model.moe_blocks()) == [1, 3]
+    out = model(ids, mod, pixels, index)
+    keep = mod != PAD
+    torch.testing.assert_close(out.logits_BTV[keep], dense[keep], atol=1e-5, rtol=1e-5)
+    assert set(out.moe) == {1, 3}
+    assert out.moe[1].router_tokens == {"vision": 8, "text": int((mod == TEXT).sum())}
+
+
+def test_left_and_right_padding_give_the_same_logits():
+    model = build_model(tiny(MOIIE), VOCAB, 0, seed=0).eval()
+    model.upcycle()
+    right = model(*batch(left_pad=False)).logits_BTV
+    left = model(*batch(left_pad=True)).logits_BTV
+    _, mod_r, _, _ = batch(False)
+    _, mod_l, _, _ = batch(True)
+    torch.testing.assert_close(left[mod_l != PAD], right[mod_r != PAD], atol=1e-5, rtol=1e-5)
+
+
+def test_every_parameter_has_exactly_one_group_and_freezing_works():
+    model = build_model(tiny(MOIIE), VOCAB, 0)
+    model.upcycle()
+    groups = parameter_groups(model)
+    assert {g.split(".")[0] for g in groups} <= set(GROUPS)
+    assert {"experts.vision", "experts.text", "experts.shared", "routers", "mlp"} <= set(groups)
+    all_ids = [id(p) for members in groups.values() for _, p in members]
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+    counts = set_trainable(model, ["projector", "experts"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector") or ".mlp.pools." in n for n in trainable)
+    assert set(counts) == {"projector", "experts.vision", "experts.text", "experts.shared"}
+
+
+def test_activated_parameters_count_top_k_experts():
+    model = build_model(tiny(MOIIE), VOCAB, 0)
+    dense_total, dense_active = model.parameter_counts()
+    assert dense_total == dense_active
+    model.upcycle()
+    total, active = model.parameter_counts()
+    per_expert = 3 * 32 * 48
+    assert total == dense_total + 2 * (6 - 1) * per_expert + 2 * 2 * 4 * 32  # 2 MoE layers, routers 2 x (4 x 32)
+    assert active == dense_total + 2 * (2 - 1) * per_expert + 2 * 2 * 4 * 32
