@@ -15,9 +15,13 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    from asymoe_train.config.validate import ConfigError
     from asymoe_train.train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as exn:
+        sys.exit(f"config error: {exn}")
 
 
 def main() -> None:

@@ -129,3 +129,31 @@ def test_train_stream_is_endless_balanced_and_deterministic(tmp_path, tokenizer)
         assert ((labels != IGNORE) <= (batch.modality_BT == TEXT)).all()  # only text positions carry labels
         assert (batch.modality_BT[:, 0] != PAD).all()  # training batches are right-padded
     assert len(other) == len(a)
+
+
+def test_split_stream_gives_each_rank_its_own_shards_and_loops(tmp_path, tokenizer):
+    samples = [good_sample(i) for i in range(8)]
+    for i, sample in enumerate(samples):  # a per-turn id field travels into the batch metadata
+        record = json.loads(sample["json"])
+        record["sid"] = [i] * 3
+        sample["json"] = json.dumps(record).encode()
+    write_shards(tmp_path, samples, per_shard=2)  # 4 shards
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=1, resampled=False)
+    seen = {}
+    for rank in (0, 1):
+        decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, True)
+        stream = iter(train_loader(data, "qa-*.tar", decoder, batch_size=1, seed=0, rank=rank, world_size=2))
+        seen[rank] = [next(stream).meta[0]["sid"] for _ in range(8)]  # two epochs of 4 samples
+    assert seen[0][:4] == seen[0][4:] and seen[1][:4] == seen[1][4:]  # the stream loops epoch after epoch
+    assert set(seen[0][:4]).isdisjoint(seen[1][:4])
+    assert sorted(seen[0][:4] + seen[1][:4]) == list(range(8))
+
+
+def test_cosine_schedule_warms_up_and_decays_to_the_floor():
+    from asymoe_train.training.schedule import lr_factor
+
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55, abs=1e-6)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)

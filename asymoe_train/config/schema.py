@@ -106,6 +106,8 @@ class DataConfig:
     template: str = "plain"  # conversation template; see asymoe_train.data.conversation.TEMPLATES
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
     max_length: int = 128  # sequences longer than this are skipped and counted
+    resampled: bool = True  # draw shards with replacement per rank and worker (balanced, endless); False = split
+    # the shard list by rank, then by DataLoader worker, and loop over it epoch after epoch
     shuffle_buffer: int = 2000
     num_workers: int = 1
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples is unreadable or malformed

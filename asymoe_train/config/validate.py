@@ -17,14 +17,18 @@ PRECISIONS = ("fp32", "bf16")
 LOGGER_MODES = ("offline", "online", "disabled")
 
 
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line naming the key and the fix."""
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
 
 
 def _positive(key: str, value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{key}={value} must be > 0")
+        raise ConfigError(f"{key}={value} must be > 0")
 
 
 def resolve_data_path(data: DataConfig, path: str) -> str:
@@ -45,50 +49,50 @@ def _validate_model(cfg: TrainConfig) -> None:
     for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "merge"):
         _positive(f"model.vision.{key}", getattr(vision, key))
     if vision.image_size % vision.patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.vision.image_size={vision.image_size} is not divisible by model.vision.patch_size={vision.patch_size}"
         )
     grid = vision.image_size // vision.patch_size
     if grid % vision.merge:
-        raise ValueError(
+        raise ConfigError(
             f"model.vision.merge={vision.merge} does not divide the {grid}x{grid} patch grid; "
             f"use a divisor of {grid}"
         )
     if vision.hidden_size % vision.num_heads:
-        raise ValueError(f"model.vision.hidden_size={vision.hidden_size} is not divisible by num_heads={vision.num_heads}")
+        raise ConfigError(f"model.vision.hidden_size={vision.hidden_size} is not divisible by num_heads={vision.num_heads}")
     if lm.hidden_size % lm.num_heads:
-        raise ValueError(f"model.lm.hidden_size={lm.hidden_size} is not divisible by model.lm.num_heads={lm.num_heads}")
+        raise ConfigError(f"model.lm.hidden_size={lm.hidden_size} is not divisible by model.lm.num_heads={lm.num_heads}")
     if lm.num_heads % lm.num_kv_heads:
-        raise ValueError(f"model.lm.num_heads={lm.num_heads} is not divisible by model.lm.num_kv_heads={lm.num_kv_heads}")
+        raise ConfigError(f"model.lm.num_heads={lm.num_heads} is not divisible by model.lm.num_kv_heads={lm.num_kv_heads}")
 
     moe_layer_indices(moe.layers, lm.num_layers)
     if not moe.pools:
         if moe.routers:
-            raise ValueError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
+            raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
         return
     _positive("model.moe.top_k", moe.top_k)
     pool_names = [p.name for p in moe.pools]
     if len(set(pool_names)) != len(pool_names):
-        raise ValueError(f"model.moe.pools has duplicate names {pool_names}")
+        raise ConfigError(f"model.moe.pools has duplicate names {pool_names}")
     from asymoe_train.moe.experts import EXPERT_TYPES  # torch-free registry keys
 
     for i, pool in enumerate(moe.pools):
         _choice(f"model.moe.pools.{i}.expert", pool.expert, sorted(EXPERT_TYPES))
         _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
         if pool.num_experts % cfg.engine.ep_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "
                 f"engine.ep_size={cfg.engine.ep_size}; make every pool a multiple of the expert-parallel size"
             )
     if not moe.routers:
-        raise ValueError("model.moe.pools is set but model.moe.routers is empty; add a router that reaches the pools")
+        raise ConfigError("model.moe.pools is set but model.moe.routers is empty; add a router that reaches the pools")
     served: dict[str, str] = {}
     reached: set[str] = set()
     for i, router in enumerate(moe.routers):
         for modality in router.modalities:
             _choice(f"model.moe.routers.{i}.modalities", modality, MODALITIES)
             if modality in served:
-                raise ValueError(
+                raise ConfigError(
                     f"model.moe.routers.{i}.modalities: {modality!r} tokens are already routed by router "
                     f"{served[modality]!r}; each modality has exactly one router"
                 )
@@ -98,36 +102,44 @@ def _validate_model(cfg: TrainConfig) -> None:
             reached.add(pool)
     missing = [m for m in MODALITIES if m not in served]
     if missing:
-        raise ValueError(f"model.moe.routers: no router serves {missing} tokens; add them to a router's modalities")
+        raise ConfigError(f"model.moe.routers: no router serves {missing} tokens; add them to a router's modalities")
     unreached = [p for p in pool_names if p not in reached]
     if unreached:
-        raise ValueError(f"model.moe.pools {unreached} are reached by no router; add them to a router's pools")
+        raise ConfigError(f"model.moe.pools {unreached} are reached by no router; add them to a router's pools")
     for name, num in reachable_experts(moe).items():
         if moe.top_k > num:
-            raise ValueError(
+            raise ConfigError(
                 f"model.moe.top_k={moe.top_k} exceeds the {num} experts router {name!r} can reach; "
                 f"lower top_k or enlarge its pools"
             )
 
 
-def _validate_data(cfg: TrainConfig) -> None:
+def _validate_data(cfg: TrainConfig, world_size: int) -> None:
     data = cfg.data
     from asymoe_train.data.conversation import TEMPLATES
 
     _choice("data.template", data.template, sorted(TEMPLATES))
     _positive("data.max_length", data.max_length)
     if data.num_workers < 0:
-        raise ValueError(f"data.num_workers={data.num_workers} must be >= 0")
+        raise ConfigError(f"data.num_workers={data.num_workers} must be >= 0")
     if not 0 <= data.max_bad_fraction < 1:
-        raise ValueError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
+        raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
     tokenizer = resolve_data_path(data, data.tokenizer)
     hint = "build the demo shards with `make data`, or point data.root at your shards"
     if not os.path.isfile(tokenizer):
-        raise ValueError(f"data.tokenizer: {tokenizer} does not exist; {hint}")
+        raise ConfigError(f"data.tokenizer: {tokenizer} does not exist; {hint}")
     for group in ("sources", "eval_sources"):
         for name, pattern in getattr(data, group).items():
-            if not shard_files(data, pattern):
-                raise ValueError(f"data.{group}.{name}: no shards match {resolve_data_path(data, pattern)}; {hint}")
+            shards = shard_files(data, pattern)
+            if not shards:
+                raise ConfigError(f"data.{group}.{name}: no shards match {resolve_data_path(data, pattern)}; {hint}")
+            readers = world_size * max(1, data.num_workers)
+            if group == "sources" and not data.resampled and len(shards) < readers:
+                raise ConfigError(
+                    f"data.sources.{name}: {len(shards)} shards for {world_size} ranks x "
+                    f"{max(1, data.num_workers)} workers; with data.resampled=false every reader needs a shard. "
+                    "Set data.resampled=true, lower data.num_workers, or write more, smaller shards"
+                )
 
 
 def _validate_curriculum(cfg: TrainConfig) -> None:
@@ -135,45 +147,48 @@ def _validate_curriculum(cfg: TrainConfig) -> None:
 
     stages = cfg.curriculum.stages
     if not stages:
-        raise ValueError("curriculum.stages is empty; pick a curriculum, e.g. curriculum=two_stage")
+        raise ConfigError("curriculum.stages is empty; pick a curriculum, e.g. curriculum=two_stage")
     upcycles = [name for name, stage in stages.items() if stage.upcycle]
     if len(upcycles) > 1:
-        raise ValueError(f"curriculum.stages: {upcycles} all set upcycle=true; upcycling happens once")
+        raise ConfigError(f"curriculum.stages: {upcycles} all set upcycle=true; upcycling happens once")
     for name, stage in stages.items():
         key = f"curriculum.stages.{name}"
         if stage.source not in cfg.data.sources:
-            raise ValueError(f"{key}.source={stage.source!r} is not in data.sources {sorted(cfg.data.sources)}")
+            raise ConfigError(f"{key}.source={stage.source!r} is not in data.sources {sorted(cfg.data.sources)}")
         for field_name in ("steps", "batch_size", "grad_accum", "lr"):
             _positive(f"{key}.{field_name}", getattr(stage, field_name))
         if not 0 <= stage.min_lr_ratio <= 1:
-            raise ValueError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
+            raise ConfigError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
         if stage.warmup_steps < 0 or stage.warmup_steps >= stage.steps:
-            raise ValueError(f"{key}.warmup_steps={stage.warmup_steps} must be in [0, steps={stage.steps})")
+            raise ConfigError(
+                f"{key}.warmup_steps={stage.warmup_steps} must be in [0, steps={stage.steps}); "
+                f"for a short run also set {key}.warmup_steps"
+            )
         if not stage.trainable:
-            raise ValueError(f"{key}.trainable is empty; name the groups to train, e.g. [projector]")
+            raise ConfigError(f"{key}.trainable is empty; name the groups to train, e.g. [projector]")
         for group in stage.trainable:
             if group.split(".")[0] not in GROUPS:
-                raise ValueError(f"{key}.trainable: unknown group {group!r}; expected one of {sorted(GROUPS)}")
+                raise ConfigError(f"{key}.trainable: unknown group {group!r}; expected one of {sorted(GROUPS)}")
 
 
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
     engine = cfg.engine
     if engine.zero_stage not in (0, 1, 2):
-        raise ValueError(
+        raise ConfigError(
             f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
             "(ZeRO-3 with MoE experts is not supported)"
         )
     _choice("engine.precision", engine.precision, PRECISIONS)
     if len(engine.adam_betas) != 2:
-        raise ValueError(f"engine.adam_betas={engine.adam_betas} must hold two numbers")
+        raise ConfigError(f"engine.adam_betas={engine.adam_betas} must hold two numbers")
     _positive("engine.ep_size", engine.ep_size)
     if world_size % engine.ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"engine.ep_size={engine.ep_size} does not divide the world size {world_size}; "
             "choose an expert-parallel size that divides the number of ranks"
         )
     if engine.ep_size > 1:
-        raise ValueError(
+        raise ConfigError(
             f"engine.ep_size={engine.ep_size}: expert parallelism is not available yet; use engine.ep_size=1"
         )
 
@@ -188,4 +203,4 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _validate_model(cfg)
     _validate_engine(cfg, world_size)
     _validate_curriculum(cfg)
-    _validate_data(cfg)
+    _validate_data(cfg, world_size)

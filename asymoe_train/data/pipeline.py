@@ -217,6 +217,22 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
     )
 
 
+def _looped_split(urls: list[str], rank: int, world_size: int):
+    """This rank's shards (every world_size-th), then this worker's share of them, repeated forever.
+
+    Validation guarantees at least one shard per rank x worker, so no reader is ever empty.
+    """
+
+    def shards(_=None) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = urls[rank::world_size][worker::num_workers]
+        while True:
+            yield from ({"url": url} for url in mine)
+
+    return shards
+
+
 def _worker_seed(rank: int):
     def seed() -> int:
         info = torch.utils.data.get_worker_info()
@@ -233,8 +249,12 @@ def train_loader(data: DataConfig, pattern: str, decoder: SampleDecoder, batch_s
     whatever the shard count (resampling avoids the uneven split of ``split_by_node``).
     """
     urls = shard_files(data, pattern)
+    if data.resampled:
+        shards = wds.ResampledShards(urls, seed=seed, worker_seed=_worker_seed(rank), deterministic=True)
+    else:
+        shards = _looped_split(urls, rank, world_size)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_seed(rank), deterministic=True),
+        shards,
         wds.tarfile_to_samples(handler=decoder.on_read_error),
         wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 500), seed=seed + 7919 * rank),
         lambda samples: decoder.batches(samples, batch_size, 0, prompt_only=False),

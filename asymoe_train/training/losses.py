@@ -30,16 +30,14 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> 
     """
     loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT)
     lm = loss_sum / max(num_tokens, 1)
-    terms = {"lm": lm}
+    aux: dict[str, torch.Tensor] = {}
     if out.moe:
-        for name in ("balance", "z"):
-            terms[name] = torch.stack([o.losses[name] for o in out.moe.values()]).mean()
+        aux = {name: torch.stack([o.losses[name] for o in out.moe.values()]).mean() for name in ("balance", "z")}
     loss = lm
-    for name, term in terms.items():
-        weight = getattr(weights, name, 0.0) if name != "lm" else 1.0
-        if name != "lm" and weight:
-            loss = loss + weight * term
-    metrics = {f"loss/{name}": float(term.detach()) for name, term in terms.items()}
+    for name, term in aux.items():
+        if getattr(weights, name):
+            loss = loss + getattr(weights, name) * term
+    metrics = {f"loss/{name}": float(term.detach()) for name, term in {"lm": lm, **aux}.items()}
     metrics["loss/total"] = float(loss.detach())
     metrics["answer_tokens"] = num_tokens
     return loss, metrics

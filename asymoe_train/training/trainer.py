@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -20,8 +21,8 @@ from asymoe_train.data.pipeline import Batch, SampleDecoder, eval_batches, train
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.distributed.engine import build_engine
 from asymoe_train.evaluation.vqa import evaluate
-from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.modality import IMAGE, PAD
+from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
 from asymoe_train.training.checkpoint import load_stage_weights, save_stage
@@ -116,7 +117,7 @@ class Trainer:
             images = stage.batch_size * stage.grad_accum * self.world_size
             print(f"stage {name}: {stage.steps} steps, global batch {images} samples (images) "
                   f"= {stage.batch_size} x grad_accum {stage.grad_accum} x {self.world_size} ranks, "
-                  f"{images * self.num_image_tokens} image tokens per step into the vision tower; "
+                  f"{images * self.num_image_tokens} image tokens encoded per step; "
                   f"trainable {stage.trainable}; lr {stage.lr}")
 
     # ------------------------------------------------------------------------------------------------------ train
@@ -163,7 +164,7 @@ class Trainer:
                 window["tokens"] += int((batch.modality_BT != PAD).sum())
                 window["samples"] += batch.num_samples
                 window["sequences"] += batch.input_ids_BT.shape[0]
-            if not torch.isfinite(torch.tensor(metrics["loss/total"])):
+            if not math.isfinite(metrics["loss/total"]):
                 raise FloatingPointError(f"stage {name} step {step}: loss is {metrics['loss/total']}; "
                                          "lower the learning rate or check the data")
             self.global_step += 1
