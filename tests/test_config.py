@@ -71,6 +71,10 @@ def test_typos_and_wrong_types_fail_at_compose_time(override, error, demo_data):
     (["data.sources.qa=missing-*.tar"], "data.sources.qa"),
     (["logger.mode=loud"], "logger.mode"),
     (["model.moe.routers.0.modalities=[text]"], "model.moe.routers"),
+    (["model/moe=asymoe", "model.moe.hyperbolic.geometry=sphere"], "model.moe.hyperbolic.geometry"),
+    (["model/moe=asymoe", "model.moe.evidence.layers=0"], "model.moe.evidence.layers"),
+    (["model/moe=asymoe", "model.moe.evidence.loss_kind=magic"], "model.moe.evidence.loss_kind"),
+    (["model/moe=asymoe", "model.moe.evidence.num_heads=3"], "model.moe.evidence.num_heads"),
 ])
 def test_validate_names_the_key(overrides, key, demo_data):
     cfg = load(demo_data, *overrides)

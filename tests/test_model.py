@@ -96,3 +96,36 @@ def test_activated_parameters_count_top_k_experts():
     per_expert = 3 * 32 * 48
     assert total == dense_total + 2 * (6 - 1) * per_expert + 2 * 2 * 4 * 32  # 2 MoE layers, routers 2 x (4 x 32)
     assert active == dense_total + 2 * (2 - 1) * per_expert + 2 * 2 * 4 * 32
+
+
+def test_asymoe_model_upcycles_close_to_dense_and_returns_its_losses():
+    from test_asymoe import asymoe_cfg
+
+    cfg = tiny(asymoe_cfg())
+    cfg.lm.num_layers = 4
+    model = build_model(cfg, VOCAB, 0, seed=0).eval()
+    ids, mod, pixels, index = batch()
+    context = mod != PAD
+    context[:, -2:] = False  # the last two positions of the longest row are answers
+    dense = model(ids, mod, pixels, index, context).logits_BTV
+    model.upcycle()
+    assert model.has_evidence_experts
+    out = model(ids, mod, pixels, index, context)
+    keep = mod != PAD
+    error = (out.logits_BTV[keep] - dense[keep]).norm() / dense[keep].norm()
+    assert error < 1e-3
+    for layer in (1, 3):
+        assert {"balance", "evd", "order"} <= set(out.moe[layer].losses)
+        assert all(torch.isfinite(v) for v in out.moe[layer].losses.values())
+
+
+def test_evidence_layers_deep_half_keeps_ep_experts_out_of_shallow_layers():
+    from test_asymoe import asymoe_cfg
+
+    cfg = tiny(asymoe_cfg())
+    cfg.moe.evidence.layers = "deep_half"
+    model = build_model(cfg, VOCAB, 0)
+    model.upcycle()
+    blocks = model.moe_blocks()
+    assert "evidence" not in blocks[1].pools and "evidence" in blocks[3].pools
+    assert len(blocks[1].reach("text")) == 3 and len(blocks[3].reach("text")) == 4

@@ -28,6 +28,23 @@ def moe_layer_indices(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
+def evidence_layer_indices(spec: str, moe_layers: list[int]) -> list[int]:
+    """MoE layers that carry evidence-priority experts: ``all``, ``deep_half`` (the deeper half of the MoE layers)
+    or comma-separated layer indices (each must be an MoE layer)."""
+    if spec == "all":
+        return list(moe_layers)
+    if spec == "deep_half":
+        return moe_layers[len(moe_layers) // 2 :]
+    try:
+        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"model.moe.evidence.layers={spec!r} is not all|deep_half or a list of layer indices") from None
+    bad = [i for i in layers if i not in moe_layers]
+    if bad or not layers:
+        raise ValueError(f"model.moe.evidence.layers={spec!r}: {bad or 'none'} not among the MoE layers {moe_layers}")
+    return layers
+
+
 def image_tokens_per_image(vision: VisionConfig) -> int:
     """Image tokens the LM sees per image after patch merging."""
     grid = vision.image_size // vision.patch_size

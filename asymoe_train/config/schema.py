@@ -71,6 +71,32 @@ class RouterConfig:
 
 
 @dataclass(kw_only=True)
+class HyperbolicConfig:
+    """Hyperbolic inter-modality experts (pools with ``expert: hyperbolic``)."""
+
+    geometry: str = "lorentz"  # lorentz (hyperboloid) | poincare (ball)
+    init_scale: float = 0.0  # learnable pre-scale before the exp map; 0 = the expert module's default
+    curvature_init: float = 1.0  # c of the curvature -c, learnable per layer (stored as log c)
+    curvature_min: float = 0.1
+    curvature_max: float = 10.0
+    cone_parent: str = "vision"  # entailment cone of L_order: whose pooled point is the parent (vision | text)
+    cone_aperture: float = 0.1  # MERU's aperture constant K
+
+
+@dataclass(kw_only=True)
+class EvidenceConfig:
+    """Evidence-priority language experts (pools with ``expert: evidence``)."""
+
+    layers: str = "all"  # MoE layers that carry EP experts: all | deep_half | comma-separated layer indices
+    num_heads: int = 4  # heads of the evidence cross-attention
+    alpha_init: float = 0.5  # initial gate alpha = sigmoid(a) between memory and evidence branches
+    beta: float = 1.0  # weight of the evidence score s_evd added to the EP experts' router logits
+    loss_kind: str = "routing"  # L_evd: routing (BCE of EP routed mass vs s_evd) | counterfactual
+    counterfactual_every: int = 10  # counterfactual L_evd: every N optimizer steps
+    counterfactual_margin: float = 1.0  # hinge margin on the answer log-likelihood gap (real vs masked image)
+
+
+@dataclass(kw_only=True)
 class MoEConfig:
     """The parameterised MoE block that replaces the FFN in MoE layers (variants are settings of this one block)."""
 
@@ -81,6 +107,8 @@ class MoEConfig:
     routers: list[RouterConfig] = field(default_factory=list)
     router_init_std: float = 0.02  # routers start N(0, std); 0 = zeros (uniform routing at start)
     upcycle_noise_std: float = 0.0  # relative noise added to upcycled expert weights (0 = exact copies)
+    hyperbolic: HyperbolicConfig = field(default_factory=HyperbolicConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
 
 
 @dataclass(kw_only=True)
@@ -115,10 +143,14 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """Loss weights of a stage: L = L_lm + balance * mean_layers(sum_routers L_bal) + z * L_z."""
+    """Loss weights of a stage: L = L_lm + balance * mean_layers(sum_routers L_bal) + z * L_z + order * L_order
+    + evd * L_evd. A term whose weight is 0 is not computed. order and evd only exist for models with hyperbolic or
+    evidence experts."""
 
     balance: float = 0.001
     z: float = 0.0
+    order: float = 0.2
+    evd: float = 0.01
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import glob
 import os
 
-from asymoe_train.config.derive import MODALITIES, moe_layer_indices, reachable_experts
+from asymoe_train.config.derive import MODALITIES, evidence_layer_indices, moe_layer_indices, reachable_experts
 from asymoe_train.config.schema import DataConfig, TrainConfig
 
 VISION_TYPES = ("siglip", "clip")
@@ -65,7 +65,10 @@ def _validate_model(cfg: TrainConfig) -> None:
     if lm.num_heads % lm.num_kv_heads:
         raise ConfigError(f"model.lm.num_heads={lm.num_heads} is not divisible by model.lm.num_kv_heads={lm.num_kv_heads}")
 
-    moe_layer_indices(moe.layers, lm.num_layers)
+    try:
+        moe_layer_indices(moe.layers, lm.num_layers)
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
     if not moe.pools:
         if moe.routers:
             raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
@@ -106,6 +109,30 @@ def _validate_model(cfg: TrainConfig) -> None:
     unreached = [p for p in pool_names if p not in reached]
     if unreached:
         raise ConfigError(f"model.moe.pools {unreached} are reached by no router; add them to a router's pools")
+    kinds = {p.expert for p in moe.pools}
+    if "hyperbolic" in kinds:
+        hyp = moe.hyperbolic
+        _choice("model.moe.hyperbolic.geometry", hyp.geometry, ("lorentz", "poincare"))
+        _choice("model.moe.hyperbolic.cone_parent", hyp.cone_parent, ("vision", "text"))
+        if not 0 < hyp.curvature_min <= hyp.curvature_init <= hyp.curvature_max:
+            raise ConfigError(
+                "model.moe.hyperbolic: need 0 < curvature_min <= curvature_init <= curvature_max, got "
+                f"{hyp.curvature_min}, {hyp.curvature_init}, {hyp.curvature_max}"
+            )
+    if "evidence" in kinds:
+        ev = moe.evidence
+        _choice("model.moe.evidence.loss_kind", ev.loss_kind, ("routing", "counterfactual"))
+        _positive("model.moe.evidence.counterfactual_every", ev.counterfactual_every)
+        if lm.hidden_size % ev.num_heads:
+            raise ConfigError(
+                f"model.moe.evidence.num_heads={ev.num_heads} does not divide model.lm.hidden_size={lm.hidden_size}"
+            )
+        if not 0 < ev.alpha_init < 1:
+            raise ConfigError(f"model.moe.evidence.alpha_init={ev.alpha_init} must be in (0, 1)")
+        try:
+            evidence_layer_indices(ev.layers, moe_layer_indices(moe.layers, lm.num_layers))
+        except ValueError as exn:
+            raise ConfigError(str(exn)) from None
     for name, num in reachable_experts(moe).items():
         if moe.top_k > num:
             raise ConfigError(

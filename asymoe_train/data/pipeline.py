@@ -57,6 +57,7 @@ class Batch:
     modality_BT: torch.Tensor
     pixel_values_NCHW: torch.Tensor
     image_index_B: torch.Tensor
+    context_BT: torch.Tensor  # evidence tokens: image and prompt positions (not answers, not padding)
     num_samples: int
     skipped: dict[str, int] = field(default_factory=dict)
     answers: list[str] = field(default_factory=list)
@@ -68,10 +69,11 @@ class Batch:
             "modality_BT": self.modality_BT,
             "pixel_values_NCHW": self.pixel_values_NCHW,
             "image_index_B": self.image_index_B,
+            "context_BT": self.context_BT,
         }
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B"):
+        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT"):
             setattr(self, name, getattr(self, name).to(device))
         self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
         return self
@@ -210,6 +212,7 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         modality_BT=modality,
         pixel_values_NCHW=pixels,
         image_index_B=torch.tensor([s.image_row for s in sequences], dtype=torch.long),
+        context_BT=(labels == IGNORE) & (modality != PAD),
         num_samples=num_samples,
         skipped=skipped,
         answers=[s.answer for s in sequences],

@@ -18,11 +18,11 @@ from asymoe_train.modality import TEXT
 @torch.no_grad()
 def greedy_generate(model, batch: Batch, tokenizer: TextTokenizer, max_new_tokens: int) -> list[str]:
     """Greedy decoding from left-padded prompts (no KV cache: answers are a few tokens)."""
-    input_ids, modality = batch.input_ids_BT, batch.modality_BT
+    input_ids, modality, context = batch.input_ids_BT, batch.modality_BT, batch.context_BT
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     generated: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids, modality, batch.pixel_values_NCHW, batch.image_index_B).logits_BTV
+        logits = model(input_ids, modality, batch.pixel_values_NCHW, batch.image_index_B, context).logits_BTV
         next_B = logits[:, -1].argmax(-1)
         next_B = torch.where(done, torch.full_like(next_B, tokenizer.eos_id), next_B)
         generated.append(next_B)
@@ -31,6 +31,7 @@ def greedy_generate(model, batch: Batch, tokenizer: TextTokenizer, max_new_token
             break
         input_ids = torch.cat([input_ids, next_B[:, None]], dim=1)
         modality = torch.cat([modality, torch.full_like(next_B[:, None], TEXT)], dim=1)
+        context = torch.cat([context, torch.zeros_like(context[:, :1])], dim=1)  # generated = answer, not evidence
     answers = []
     for row in torch.stack(generated, dim=1).tolist():
         ids = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row

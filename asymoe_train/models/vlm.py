@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from asymoe_train.config.derive import moe_layer_indices
+from asymoe_train.config.derive import evidence_layer_indices, moe_layer_indices
 from asymoe_train.config.schema import ModelConfig
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.backbones import build_language_model, build_vision_tower
 from asymoe_train.moe.block import MoEBlock, MoEOutput
+from asymoe_train.moe.evidence import TokenContext
 
 
 class Projector(nn.Module):
@@ -71,11 +72,17 @@ class VisionLanguageModel(nn.Module):
         if not self.cfg.moe.pools or self.is_upcycled:
             return
         lm_cfg = self.lm.config
+        evidence_pools = tuple(p.name for p in self.cfg.moe.pools if p.expert == "evidence")
+        ep_layers = evidence_layer_indices(self.cfg.moe.evidence.layers, self.moe_layers)
         for i in self.moe_layers:
             self.layers[i].mlp = MoEBlock.upcycle(
                 self.layers[i].mlp, self.cfg.moe, lm_cfg.hidden_size, lm_cfg.intermediate_size, lm_cfg.hidden_act,
-                self.dispatcher, generator,
+                self.dispatcher, generator, skip_pools=() if i in ep_layers else evidence_pools,
             )
+
+    @property
+    def has_evidence_experts(self) -> bool:
+        return any(getattr(p, "needs_context", False) for b in self.moe_blocks().values() for p in b.pools.values())
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
         return {i: self.layers[i].mlp for i in self.moe_layers if isinstance(self.layers[i].mlp, MoEBlock)}
@@ -123,9 +130,13 @@ class VisionLanguageModel(nn.Module):
         modality_BT: torch.Tensor,
         pixel_values_NCHW: torch.Tensor,
         image_index_B: torch.Tensor,
+        context_BT: torch.Tensor | None = None,
     ) -> VLMOutput:
+        """``context_BT`` marks evidence tokens (image and prompt; not answers, not padding); evidence experts need it.
+        """
         h_BTD = self.embed(input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B)
         b, t, d = h_BTD.shape
+        ctx = None if context_BT is None else TokenContext((b, t), context_BT, modality_BT)
         keep_BT = modality_BT != PAD
         position_BT = (keep_BT.long().cumsum(-1) - 1).clamp_min(0)  # works for left and right padding
         causal_TT = torch.ones(t, t, dtype=torch.bool, device=h_BTD.device).tril()
@@ -143,7 +154,7 @@ class VisionLanguageModel(nn.Module):
             h_BTD = h_BTD + attn
             x_BTD = layer.post_attention_layernorm(h_BTD)
             if isinstance(layer.mlp, MoEBlock):
-                out = layer.mlp(x_BTD.reshape(b * t, d), modality_T)
+                out = layer.mlp(x_BTD.reshape(b * t, d), modality_T, ctx)
                 moe_out[i] = out
                 x_BTD = out.hidden_TD.reshape(b, t, d)
             else:

@@ -1,9 +1,11 @@
 """The one parameterised MoE block: expert pools plus routers with a reach-table, all from config.
 
-Variants (vanilla, modality, moiie, ...) are settings of this block, never subclasses. Each router serves the tokens of
-its modalities and chooses top-k among the experts of the pools it reaches; all assignments go through one dispatcher.
+Variants (vanilla, modality, moiie, asymoe, ...) are settings of this block, never subclasses. Each router serves the
+tokens of its modalities and chooses top-k among the experts of the pools it reaches; all assignments go through one
+dispatcher. Pools that need per-token context (evidence experts) prepare dense results before routing; their evidence
+score biases the logits of routers that reach them.
 
-# T tokens (flattened batch), D model dim, N tokens of one router, K top-k, E experts in the block
+# T tokens (flattened batch), D model dim, N tokens of one router, R experts it reaches, K top-k, E experts in block
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 from asymoe_train.config.schema import MoEConfig
 from asymoe_train.modality import CODES
 from asymoe_train.moe.dispatch import LocalDispatcher
-from asymoe_train.moe.experts import EXPERT_TYPES
+from asymoe_train.moe.evidence import TokenContext
+from asymoe_train.moe.experts import build_pool
+from asymoe_train.moe.order import order_loss
 from asymoe_train.moe.router import TopKRouter, balance_loss, z_loss
 
 
@@ -25,82 +29,142 @@ class MoEOutput:
     """What the block returns: the output, its auxiliary losses and routing statistics (all values, no globals)."""
 
     hidden_TD: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # 'balance' (sum over routers), 'z'
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # balance (sum over routers), z, evd, order
     # router name -> assignments per reachable expert (detached, long), and tokens the router served
     expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     router_tokens: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # scalar observability (curvature, alpha, s_evd, ...)
 
 
 class MoEBlock(nn.Module):
     """Pools of experts and routers over them; replaces the FFN of one decoder layer."""
 
-    def __init__(self, cfg: MoEConfig, hidden_size: int, intermediate_size: int, act: str, dispatcher=None):
+    def __init__(self, cfg: MoEConfig, hidden_size: int, intermediate_size: int, act: str, dispatcher=None,
+                 skip_pools: tuple[str, ...] = ()):
         super().__init__()
+        self.cfg = cfg
         self.top_k = cfg.top_k
         self.dispatcher = dispatcher or LocalDispatcher()
         self.pools = nn.ModuleDict()
         self.pool_offsets: dict[str, int] = {}
         offset = 0
         for pool in cfg.pools:
-            self.pools[pool.name] = EXPERT_TYPES[pool.expert](pool.num_experts, hidden_size, intermediate_size, act)
+            if pool.name in skip_pools:
+                continue
+            self.pools[pool.name] = build_pool(pool, cfg, hidden_size, intermediate_size, act)
             self.pool_offsets[pool.name] = offset
             offset += pool.num_experts
         self.num_experts = offset
         self.routers = nn.ModuleDict()
         self.router_modalities: dict[str, list[int]] = {}
+        self.router_context_pools: dict[str, list[tuple[str, int, int]]] = {}  # (pool, first col, num experts)
         for router in cfg.routers:
+            pools = [p for p in router.pools if p in self.pools]
             # Global expert index of each router-local expert: the reach-table row as a lookup.
-            reach = [self.pool_offsets[p] + i for p in router.pools for i in range(self.pools[p].num_experts)]
+            reach = [self.pool_offsets[p] + i for p in pools for i in range(self.pools[p].num_experts)]
             self.routers[router.name] = TopKRouter(hidden_size, len(reach), cfg.top_k, cfg.router_init_std)
             self.register_buffer(f"reach_{router.name}", torch.tensor(reach, dtype=torch.long), persistent=False)
             self.router_modalities[router.name] = [CODES[m] for m in router.modalities]
+            cols, col = [], 0
+            for p in pools:
+                if getattr(self.pools[p], "needs_context", False):
+                    cols.append((p, col, self.pools[p].num_experts))
+                col += self.pools[p].num_experts
+            self.router_context_pools[router.name] = cols
+        self.active_losses: set[str] = {"balance", "z", "evd", "order"}  # the trainer drops zero-weight terms
 
     def reach(self, router: str) -> torch.Tensor:
         """Global expert indices a router can reach, in router-local order."""
         return getattr(self, f"reach_{router}")
 
-    def run_experts(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    def run_experts(self, x_AD: torch.Tensor, counts_E: list[int], token_A: torch.Tensor, preps: dict) -> torch.Tensor:
         """Run every pool on its contiguous slice of expert-sorted tokens."""
         outputs = []
         start = 0
         for name, pool in self.pools.items():
             offset = self.pool_offsets[name]
             counts = counts_E[offset : offset + pool.num_experts]
-            num = sum(counts)
-            outputs.append(pool(x_AD[start : start + num], counts))
-            start += num
+            rows = slice(start, start + sum(counts))
+            if name in preps:
+                outputs.append(pool(x_AD[rows], counts, token_A[rows], preps[name]))
+            else:
+                outputs.append(pool(x_AD[rows], counts))
+            start = rows.stop
         return torch.cat(outputs, dim=0)
 
-    def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor) -> MoEOutput:
+    def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: TokenContext | None = None) -> MoEOutput:
+        preps = {}
+        for name, pool in self.pools.items():
+            if getattr(pool, "needs_context", False):
+                if ctx is None:
+                    raise ValueError(f"MoE pool {name!r} needs token context (context_BT); the model must pass it")
+                preps[name] = pool.prepare(x_TD, ctx)
         tokens, experts, weights = [], [], []
         out = MoEOutput(hidden_TD=x_TD)
-        balance = x_TD.new_zeros((), dtype=torch.float32)
-        zl = x_TD.new_zeros((), dtype=torch.float32)
+        zero = x_TD.new_zeros((), dtype=torch.float32)
+        balance, zl, evd = zero, zero, zero
         for name, router in self.routers.items():
             codes = torch.tensor(self.router_modalities[name], device=modality_T.device)
             token_N = torch.isin(modality_T, codes).nonzero(as_tuple=True)[0]
-            routing = router(x_TD[token_N])
+            bias_NR = None
+            context_pools = self.router_context_pools[name]
+            if context_pools:
+                bias_NR = torch.zeros(token_N.numel(), len(self.reach(name)), device=x_TD.device)
+                for pool, col, num in context_pools:
+                    # detached: s_evd is a read-out of the evidence attention (trained through the evidence branch),
+                    # not something routing losses should reshape
+                    score = preps[pool].score_T[token_N, None].detach().float()
+                    bias_NR[:, col : col + num] = self.cfg.evidence.beta * score
+            routing = router(x_TD[token_N], bias_NR)
             tokens.append(token_N.repeat_interleave(self.top_k))
             experts.append(self.reach(name)[routing.experts_NK.reshape(-1)])
             weights.append(routing.weights_NK.reshape(-1))
-            balance = balance + balance_loss(routing)
-            zl = zl + z_loss(routing)
-            out.expert_counts[name] = torch.bincount(
-                routing.experts_NK.reshape(-1), minlength=routing.probs_NR.shape[-1]
-            ).detach()
+            if "balance" in self.active_losses:
+                balance = balance + balance_loss(routing)
+            if "z" in self.active_losses:
+                zl = zl + z_loss(routing)
+            counts_R = torch.bincount(routing.experts_NK.reshape(-1), minlength=routing.probs_NR.shape[-1]).detach()
+            out.expert_counts[name] = counts_R
             out.router_tokens[name] = int(token_N.numel())
+            for pool, col, num in context_pools:
+                score_N = preps[pool].score_T[token_N]
+                mass_N = routing.probs_NR[:, col : col + num].sum(-1)
+                if "evd" in self.active_losses and self.cfg.evidence.loss_kind == "routing" and token_N.numel():
+                    # tokens that draw on evidence should be routed to evidence experts (target detached)
+                    evd = evd + nn.functional.binary_cross_entropy(
+                        mass_N.clamp(1e-6, 1 - 1e-6), score_N.detach().float().clamp(0, 1)
+                    )
+                served = max(int(token_N.numel()), 1)
+                out.stats[f"{name}/{pool}_share"] = float(counts_R[col : col + num].sum()) / (served * self.top_k)
+                out.stats[f"{name}/s_evd_mean"] = float(score_N.detach().float().sum()) / served
         out.hidden_TD = self.dispatcher(
-            x_TD, torch.cat(tokens), torch.cat(experts), torch.cat(weights), self.num_experts, self.run_experts
+            x_TD, torch.cat(tokens), torch.cat(experts), torch.cat(weights), self.num_experts,
+            lambda x_AD, counts, token_A: self.run_experts(x_AD, counts, token_A, preps),
         )
-        out.losses = {"balance": balance, "z": zl}
+        has_context = any(self.router_context_pools.values())
+        computed = {"balance": balance, "z": zl, "evd": evd if has_context and self.cfg.evidence.loss_kind == "routing" else None}
+        out.losses = {k: v for k, v in computed.items() if k in self.active_losses and v is not None}
+        hyp = self.cfg.hyperbolic
+        for name, pool in self.pools.items():
+            if hasattr(pool, "curvature"):  # hyperbolic pool
+                c = pool.curvature()
+                out.stats[f"{name}/curvature"] = float(c.detach())
+                if "order" in self.active_losses and ctx is not None:
+                    scale = pool.log_scale_E.exp().mean()
+                    out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture)
+            if hasattr(pool, "alpha_E"):  # evidence pool
+                for e, alpha in enumerate(pool.alpha_E.detach().tolist()):
+                    out.stats[f"{name}/alpha_e{e}"] = alpha
         return out
 
     @classmethod
     def upcycle(cls, mlp: nn.Module, cfg: MoEConfig, hidden_size: int, intermediate_size: int, act: str,
-                dispatcher=None, generator: torch.Generator | None = None) -> MoEBlock:
+                dispatcher=None, generator: torch.Generator | None = None,
+                skip_pools: tuple[str, ...] = ()) -> MoEBlock:
         """A block whose every expert is a copy of ``mlp`` (sparse upcycling), on the MLP's device and dtype."""
         weight = mlp.gate_proj.weight
-        block = cls(cfg, hidden_size, intermediate_size, act, dispatcher).to(device=weight.device, dtype=weight.dtype)
+        block = cls(cfg, hidden_size, intermediate_size, act, dispatcher, skip_pools)
+        block = block.to(device=weight.device, dtype=weight.dtype)
         for pool in block.pools.values():
             pool.upcycle_from(mlp, cfg.upcycle_noise_std, generator)
         return block

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-RunExperts = Callable[[torch.Tensor, list[int]], torch.Tensor]
+# (expert-sorted rows, rows per expert, token index of each row) -> outputs in the same order
+RunExperts = Callable[[torch.Tensor, list[int], torch.Tensor], torch.Tensor]
 
 
 class LocalDispatcher:
@@ -28,6 +29,6 @@ class LocalDispatcher:
         order_A = torch.argsort(expert_A, stable=True)
         token_sorted_A = token_A[order_A]
         counts_E = torch.bincount(expert_A, minlength=num_experts)
-        y_AD = run_experts(x_TD[token_sorted_A], counts_E.tolist())
+        y_AD = run_experts(x_TD[token_sorted_A], counts_E.tolist(), token_sorted_A)
         y_AD = y_AD * weight_A[order_A].unsqueeze(-1).to(y_AD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)

@@ -59,5 +59,35 @@ class SwiGLUExperts(nn.Module):
         return (self.gate_EFD.numel() + self.up_EFD.numel() + self.down_EDF.numel()) // self.num_experts
 
 
-# Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert).
-EXPERT_TYPES: dict[str, type[nn.Module]] = {"ffn": SwiGLUExperts}
+def _ffn(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+    return SwiGLUExperts(pool.num_experts, hidden, intermediate, act)
+
+
+def _evidence(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+    from asymoe_train.moe.evidence import EvidenceExperts
+
+    ev = moe.evidence
+    return EvidenceExperts(pool.num_experts, hidden, intermediate, act, num_heads=ev.num_heads,
+                           alpha_init=ev.alpha_init)
+
+
+def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+    from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
+
+    hyp = moe.hyperbolic
+    kwargs = {"init_scale": hyp.init_scale} if hyp.init_scale > 0 else {}
+    return HyperbolicExperts(pool.num_experts, hidden, intermediate, act, geometry=hyp.geometry,
+                             curvature_init=hyp.curvature_init, curvature_min=hyp.curvature_min,
+                             curvature_max=hyp.curvature_max, **kwargs)
+
+
+# Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert): builders from
+# (pool config, MoE config, hidden size, FFN size, activation).
+EXPERT_TYPES = {"ffn": _ffn, "evidence": _evidence, "hyperbolic": _hyperbolic}
+
+
+def build_pool(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+    """The expert pool of one pool config."""
+    if pool.expert not in EXPERT_TYPES:
+        raise ValueError(f"unknown expert type {pool.expert!r}; expected one of {sorted(EXPERT_TYPES)}")
+    return EXPERT_TYPES[pool.expert](pool, moe, hidden, intermediate, act)

@@ -31,9 +31,12 @@ class TopKRouter(nn.Module):
         if init_std > 0:
             nn.init.normal_(self.weight_RD, std=init_std)
 
-    def forward(self, x_ND: torch.Tensor) -> Routing:
+    def forward(self, x_ND: torch.Tensor, bias_NR: torch.Tensor | None = None) -> Routing:
+        """Route tokens; ``bias_NR`` is added to the logits (e.g. beta * s_evd on evidence experts)."""
         # fp32 logits and softmax: bf16 logits make near-ties flip between steps and destabilise routing.
         logits_NR = nn.functional.linear(x_ND.float(), self.weight_RD.float())
+        if bias_NR is not None:
+            logits_NR = logits_NR + bias_NR
         probs_NR = logits_NR.softmax(dim=-1)
         top_NK, experts_NK = probs_NR.topk(self.top_k, dim=-1)
         weights_NK = top_NK / top_NK.sum(dim=-1, keepdim=True).clamp_min(1e-9)

@@ -23,7 +23,7 @@ def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torc
 
 
 def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = L_lm + balance * mean_layers(sum_routers L_bal) + z * mean_layers(sum_routers L_z).
+    """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
     L_lm is normalised by the number of answer tokens in the micro-batch. Auxiliary terms with weight 0 are not added
     (they cost nothing and send no gradient).
@@ -31,8 +31,9 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> 
     loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT)
     lm = loss_sum / max(num_tokens, 1)
     aux: dict[str, torch.Tensor] = {}
-    if out.moe:
-        aux = {name: torch.stack([o.losses[name] for o in out.moe.values()]).mean() for name in ("balance", "z")}
+    names = sorted({name for o in out.moe.values() for name in o.losses})
+    for name in names:  # each term averaged over the MoE layers that produce it
+        aux[name] = torch.stack([o.losses[name] for o in out.moe.values() if name in o.losses]).mean()
     loss = lm
     for name, term in aux.items():
         if getattr(weights, name):
@@ -41,3 +42,21 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> 
     metrics["loss/total"] = float(loss.detach())
     metrics["answer_tokens"] = num_tokens
     return loss, metrics
+
+
+def answer_loglik(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean log-likelihood per answer token of each sequence ``[B]`` (0 for sequences without answer tokens)."""
+    targets = labels_BT[:, 1:]
+    logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    return picked.sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def counterfactual_evidence_loss(out_real: VLMOutput, out_blind: VLMOutput, labels_BT: torch.Tensor,
+                                 has_image_B: torch.Tensor, margin: float) -> torch.Tensor:
+    """Counterfactual L_evd: hinge asking each answer's log-likelihood with the real image to beat the likelihood
+    with the image masked by ``margin`` (nats per answer token); penalises answers given from priors alone."""
+    gap_B = answer_loglik(out_real.logits_BTV, labels_BT) - answer_loglik(out_blind.logits_BTV, labels_BT)
+    hinge_B = torch.relu(margin - gap_B) * has_image_B
+    return hinge_B.sum() / has_image_B.sum().clamp_min(1)

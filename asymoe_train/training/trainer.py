@@ -27,7 +27,9 @@ from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
 from asymoe_train.training.checkpoint import load_stage_weights, save_stage
 from asymoe_train.training.groups import set_trainable
-from asymoe_train.training.losses import total_loss
+from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
+
+AUX_LOSSES = ("balance", "z", "order", "evd")
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,15 @@ class Trainer:
 
     def run_stage(self, index: int, name: str, stage: StageConfig) -> dict:
         model = self.build_stage_model(index)
+        active = {name for name in AUX_LOSSES if getattr(stage.losses, name)}
+        for block in model.moe_blocks().values():
+            block.active_losses = active  # zero-weight terms are not computed at all
+        evidence = self.cfg.model.moe.evidence
+        counterfactual_every = (
+            evidence.counterfactual_every
+            if "evd" in active and evidence.loss_kind == "counterfactual" and model.has_evidence_experts
+            else 0
+        )
         counts = set_trainable(model, stage.trainable)
         engine = build_engine(model, self.cfg.engine, stage, stage.steps)
         decoder = self.decoder()
@@ -158,6 +169,13 @@ class Trainer:
                 batch.to(engine.device, self.dtype)
                 out = engine(**batch.model_inputs())
                 loss, metrics = total_loss(out, batch.labels_BT, stage.losses)
+                if counterfactual_every and step % counterfactual_every == 0:
+                    blind = engine(**{**batch.model_inputs(),
+                                      "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
+                    cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0,
+                                                      evidence.counterfactual_margin)
+                    loss = loss + stage.losses.evd * cf
+                    metrics["loss/evd_counterfactual"] = float(cf.detach())
                 engine.backward(loss)
                 engine.step()
                 load.add(out.moe)

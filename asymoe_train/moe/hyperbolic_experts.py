@@ -1,0 +1,182 @@
+"""Hyperbolic inter-modality experts: SwiGLU FFNs whose layers act on a hyperbolic manifold (DESIGN §2).
+
+One expert, for a token x of the Euclidean residual stream, with s its learnable pre-scale and c the pool's curvature:
+
+    p = exp0(s·x)                                   point on the manifold (Lorentz by default, or the Poincaré ball)
+    g = log0(HypLinear_gate(p)) / s                 hidden pre-activations, read back in the tangent space at the
+    u = log0(HypLinear_up(p)) / s                   origin and unscaled
+    h = act(g) · u                                  the SwiGLU nonlinearity, where it is well defined: on tangent
+                                                    vectors at the origin, i.e. ordinary vectors
+    y = log0(HypLinear_down(exp0(s·h))) / s         back onto the manifold, down-projected, read back, unscaled
+
+HypLinear is a Lorentz-linear layer (the full point, time coordinate included, times a weight matrix plus a bias,
+time recomputed) or a Möbius matvec followed by a Möbius bias addition. Biases and the Lorentz time columns are stored
+in the units of the Euclidean FFN and multiplied by s before they enter the manifold, so that as s → 0 every layer
+reads back as W·x + b (the time column adds w_t/sqrt(c)) and the expert tends to the Euclidean SwiGLU FFN exactly;
+it also keeps their effective learning rate from growing like 1/s. Upcycling copies the dense FFN's weights and zeroes
+biases and time columns; the error against the dense MLP is then O(c·s²·|·|²) (the exp/log maps' cubic terms).
+
+Default scale. s = init_scale / sqrt(D), so ``init_scale`` is the tangent norm given to a token of unit RMS (a
+post-RMSNorm hidden state). At the default 0.04, a freshly upcycled Lorentz expert matches the dense MLP on unit-RMS
+tokens to a relative error |y - y_mlp| / |y_mlp| (over 256 tokens, worst of 3 seeds, c = 1) of 3.6e-4 for
+D=32/F=48 with transformers' LlamaMLP init, 6.2e-4 with std-0.02 weights, and 5e-5 to 7e-5 for D=1024/F=2816 (the
+Poincaré expert matches to fp32 rounding, ~5e-7, see below). The error grows like c·(init_scale · RMS)²: ×10 at
+c = 10, ×9 to ×16 for tokens of RMS 3. Curvature is felt at the same order, which is the price of upcycling: at the
+default scale, c from 1 to 10 changes the output by 3e-3 (D=32) and 6e-4 (D=1024) relative; at init_scale 0.3 by
+0.16 and 0.03, at 1.0 by 0.8 and 0.2. s and c are learnable, so training can move the experts into the curved regime;
+with Adam each moves by about the learning rate per step, so give ``log_scale_E`` and ``curvature.log_c`` a larger
+learning rate if that should happen within one fine-tuning run.
+
+Poincaré note. log0(M ⊗ exp0(v)) = M v exactly, so with zero biases the Poincaré expert equals the Euclidean FFN for
+every scale and curvature; curvature acts through the Möbius bias additions, whose gradient at zero is not zero, so it
+appears once the biases train. The Lorentz expert depends on c from the start (x_0 = cosh(θ)/sqrt(c), the asinh read
+back), hence the default.
+
+# N tokens in a slice, D model dim, F expert hidden dim, E experts in the pool, P = 1 + D, Q = 1 + F Lorentz coords
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from asymoe_train.moe.hyperbolic import (
+    Curvature,
+    lorentz_expmap0,
+    lorentz_linear,
+    lorentz_logmap0,
+    poincare_expmap0,
+    poincare_linear,
+    poincare_logmap0,
+)
+
+# Maps at the origin per geometry: (exp0 tangent -> point, log0 point -> tangent).
+GEOMETRIES = {
+    "lorentz": (lorentz_expmap0, lorentz_logmap0),
+    "poincare": (poincare_expmap0, poincare_logmap0),
+}
+# Parameter names of each layer: (space weight, bias, Lorentz time column).
+LAYERS = {
+    "gate": ("gate_EFD", "gate_bias_EF", "gate_time_EF"),
+    "up": ("up_EFD", "up_bias_EF", "up_time_EF"),
+    "down": ("down_EDF", "down_bias_ED", "down_time_ED"),
+}
+# Tangent norm of a unit-RMS token at init (pre-scale = DEFAULT_INIT_SCALE / sqrt(hidden_size)); see the module doc.
+DEFAULT_INIT_SCALE = 0.04
+
+
+class HyperbolicExperts(nn.Module):
+    """E hyperbolic SwiGLU experts sharing one learnable curvature; space weights stacked ``[E, out, in]`` as in
+    ``SwiGLUExperts`` (same names, so upcycling and inspection read the same), plus biases, Lorentz time columns and
+    a per-expert log pre-scale.
+
+    Args:
+        geometry: ``"lorentz"`` (hyperboloid, default) or ``"poincare"`` (ball).
+        init_scale: tangent norm of a unit-RMS token at init; the pre-scale is ``init_scale / sqrt(hidden_size)``.
+        curvature_init, curvature_min, curvature_max: the pool's curvature c (manifold curvature -c), learnable as
+            log c and clamped to [curvature_min, curvature_max].
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str = "silu",
+        *,
+        geometry: str = "lorentz",
+        init_scale: float = DEFAULT_INIT_SCALE,
+        curvature_init: float = 1.0,
+        curvature_min: float = 0.1,
+        curvature_max: float = 10.0,
+    ):
+        super().__init__()
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"unknown geometry '{geometry}'; expected one of {sorted(GEOMETRIES)}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale={init_scale} must be > 0 (it is the tangent norm of a unit-RMS token)")
+        self.num_experts = num_experts
+        self.geometry = geometry
+        self.init_scale = init_scale
+        self.act_name = act
+        self.act = ACT2FN[act]
+        self.expmap0, self.logmap0 = GEOMETRIES[geometry]
+        self.curvature = Curvature(curvature_init, curvature_min, curvature_max)
+        self.log_scale_E = nn.Parameter(torch.full((num_experts,), math.log(init_scale / math.sqrt(hidden_size))))
+        self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        for weight in (self.gate_EFD, self.up_EFD, self.down_EDF):
+            nn.init.normal_(weight, std=0.02)
+        # Biases (tangent vectors of the bias points on the ball) and the Lorentz time columns, in Euclidean-FFN
+        # units: they enter the layers multiplied by the pre-scale (module doc).
+        self.gate_bias_EF = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+        self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        lorentz = geometry == "lorentz"
+        self.gate_time_EF = nn.Parameter(torch.zeros(num_experts, intermediate_size)) if lorentz else None
+        self.up_time_EF = nn.Parameter(torch.zeros(num_experts, intermediate_size)) if lorentz else None
+        self.down_time_ED = nn.Parameter(torch.zeros(num_experts, hidden_size)) if lorentz else None
+
+    def _layer(self, name: str, e: int, point: torch.Tensor, scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Layer ``name`` of expert ``e`` on a point, read back as a tangent vector at the origin and unscaled."""
+        weight, bias, time = (getattr(self, attr) for attr in LAYERS[name])
+        if self.geometry == "lorentz":
+            out = lorentz_linear(point, weight[e], c, bias[e] * scale, time[e] * scale)
+        else:
+            out = poincare_linear(point, weight[e], c, bias[e] * scale)
+        return self.logmap0(out, c) / scale
+
+    def _expert(self, e: int, x_ND: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x_ND.dtype, torch.float32)
+        # fp32 throughout (see hyperbolic.py); autocast would put the matvecs back in bf16.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            scale = self.log_scale_E[e].to(dtype).exp()
+            p_NP = self.expmap0(x_ND.to(dtype) * scale, c)
+            h_NF = self.act(self._layer("gate", e, p_NP, scale, c)) * self._layer("up", e, p_NP, scale, c)
+            return self._layer("down", e, self.expmap0(h_NF * scale, c), scale, c)
+
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` applied to its tokens; returns ``x_ND``'s dtype."""
+        return self._expert(e, x_ND, self.curvature()).to(x_ND.dtype)
+
+    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts[e]`` of them for expert e; returns outputs in the same order."""
+        c = self.curvature()
+        outputs = []
+        start = 0
+        for e, count in enumerate(counts):
+            # Zero-token experts still run (on an empty slice) so every rank executes the same graph.
+            outputs.append(self._expert(e, x_ND[start : start + count], c))
+            start += count
+        return torch.cat(outputs, dim=0).to(x_ND.dtype)
+
+    @torch.no_grad()
+    def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert's space weights (sparse
+        upcycling), zero the biases and time columns, and reset the pre-scale to ``init_scale``."""
+        for target, source in (
+            (self.gate_EFD, mlp.gate_proj.weight),
+            (self.up_EFD, mlp.up_proj.weight),
+            (self.down_EDF, mlp.down_proj.weight),
+        ):
+            if target.shape[1:] != source.shape:
+                raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
+            target.copy_(source.unsqueeze(0).expand_as(target))
+            if noise_std > 0:
+                noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
+                target.add_(noise * noise_std * source.float().std().to(target))
+        for name, param in self.named_parameters():
+            if "_bias_" in name or "_time_" in name:
+                param.zero_()
+        self.log_scale_E.fill_(math.log(self.init_scale / math.sqrt(self.gate_EFD.shape[-1])))
+
+    def params_per_expert(self) -> int:
+        """Parameters of one expert (the pool's shared curvature not included)."""
+        return sum(p.numel() for p in self.parameters() if p is not self.curvature.log_c) // self.num_experts
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, geometry={self.geometry}, init_scale={self.init_scale}"

@@ -1,0 +1,61 @@
+"""Hyperbolic entailment-cone order loss L_order (MERU form, Lorentz model).
+
+For every sequence with an image, the pooled text point should lie inside the entailment cone of the pooled image
+point (``cone_parent: vision``; or the reverse with ``text``). Points come from the hyperbolic pool's own map: the
+pre-scaled mean hidden state of the modality's tokens, exp-mapped at the origin with the pool's curvature.
+
+# B sequences, T positions, D model dim
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asymoe_train.modality import IMAGE, TEXT
+from asymoe_train.moe.evidence import TokenContext
+from asymoe_train.moe.hyperbolic import lorentz_expmap0
+
+EPS = 1e-6
+
+
+def half_aperture(x_space_ND: torch.Tensor, c: torch.Tensor, aperture: float) -> torch.Tensor:
+    """Half-aperture of the cone at x: asin(2K / (sqrt(c) |x|)), clamped so points near the origin get a wide cone."""
+    ratio = 2 * aperture / (c.sqrt() * x_space_ND.norm(dim=-1) + EPS)
+    return torch.asin(ratio.clamp(-1 + EPS, 1 - EPS))
+
+
+def exterior_angle(x_space_ND: torch.Tensor, y_space_ND: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Angle at x between the geodesic to y and the ray from the origin through x (MERU's oxy angle)."""
+    x_time = torch.sqrt(1 / c + x_space_ND.square().sum(-1))
+    y_time = torch.sqrt(1 / c + y_space_ND.square().sum(-1))
+    c_xyl = c * ((x_space_ND * y_space_ND).sum(-1) - x_time * y_time)
+    numer = y_time + c_xyl * x_time
+    denom = x_space_ND.norm(dim=-1) * torch.sqrt((c_xyl.square() - 1).clamp_min(EPS)) + EPS
+    return torch.acos((numer / denom).clamp(-1 + EPS, 1 - EPS))
+
+
+def entailment_loss(parent_ND: torch.Tensor, child_ND: torch.Tensor, c: torch.Tensor, aperture: float) -> torch.Tensor:
+    """Mean of relu(angle(parent, child) - half_aperture(parent)); zero when every child is inside its parent's cone."""
+    if parent_ND.shape[0] == 0:
+        return parent_ND.sum() * 0
+    return torch.relu(exterior_angle(parent_ND, child_ND, c) - half_aperture(parent_ND, c, aperture)).mean()
+
+
+def pooled_points(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor):
+    """(image points, text points) of the sequences that have both, as Lorentz space coordinates ``[N, D]``."""
+    b, t = ctx.batch_shape
+    x_BTD = x_TD.float().reshape(b, t, -1)
+    points = []
+    for code in (IMAGE, TEXT):
+        mask_BT = (ctx.modality_BT == code).float()
+        points.append((x_BTD * mask_BT.unsqueeze(-1)).sum(1) / mask_BT.sum(1, keepdim=True).clamp_min(1))
+    both_B = ((ctx.modality_BT == IMAGE).any(1)) & ((ctx.modality_BT == TEXT).any(1))
+    image_BP, text_BP = (lorentz_expmap0(scale * p[both_B], c)[:, 1:] for p in points)
+    return image_BP, text_BP
+
+
+def order_loss(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor, parent: str,
+               aperture: float) -> torch.Tensor:
+    """L_order of one MoE layer."""
+    image, text = pooled_points(x_TD, ctx, scale, c)
+    return entailment_loss(image, text, c, aperture) if parent == "vision" else entailment_loss(text, image, c, aperture)
