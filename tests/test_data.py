@@ -157,3 +157,21 @@ def test_cosine_schedule_warms_up_and_decays_to_the_floor():
     assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55, abs=1e-6)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_turn_caps_keep_at_most_n_turns_of_a_family(tmp_path, tokenizer):
+    samples = []
+    for i in range(4):
+        pairs = [("what color is the shape?", "red")] + [(f"is there a circle {k}?", "yes") for k in range(5)]
+        samples.append({"__key__": f"s{i}", "png": png(), "json": json.dumps({
+            "conversations": conversation(*pairs), "family": ["colour"] + ["yes/no"] * 5}).encode()})
+    write_shards(tmp_path, samples)
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=1)
+    encoder = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
+    decoder = SampleDecoder(encoder, 32, 96, True, turn_caps={"yes/no": 2}, seed=1)
+    batch = next(iter(train_loader(data, "qa-*.tar", decoder, batch_size=4, seed=0)))
+    assert batch.input_ids_BT.shape[0] == 4 * 3  # 1 colour + 2 of the 5 yes/no turns per image
+    assert sorted(m["family"] for m in batch.meta).count("yes/no") == 8
+    # evaluation never caps
+    full = list(eval_batches(data, "qa-*.tar", SampleDecoder(encoder, 32, 96, True), questions_per_batch=100))
+    assert sum(b.input_ids_BT.shape[0] for b in full) == 4 * 6

@@ -137,3 +137,15 @@ def test_balance_loss_gradient_reaches_only_the_router():
     block(x, modality).losses["balance"].backward()
     assert block.routers["all"].weight_RD.grad.abs().sum() > 0
     assert all(p.grad is None for p in block.pools.parameters())
+
+
+def test_widened_dense_expert_equals_the_dense_mlp():
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=F, hidden_act="silu"))
+    cfg = MoEConfig(variant="dense_matched", top_k=1, pools=[PoolConfig(name="ffn", num_experts=1, width=2)],
+                    routers=[RouterConfig(name="all", modalities=["text", "image"], pools=["ffn"])])
+    block = MoEBlock.upcycle(mlp, cfg, D, F, "silu")
+    assert block.pools["ffn"].gate_EFD.shape == (1, 2 * F, D)
+    x, modality = tokens()
+    keep = modality != PAD
+    torch.testing.assert_close(block(x, modality).hidden_TD[keep], mlp(x)[keep], atol=1e-5, rtol=1e-5)

@@ -59,6 +59,8 @@ class PoolConfig:
     name: str = MISSING
     expert: str = "ffn"  # expert type; see asymoe_train.moe.experts.EXPERT_TYPES
     num_experts: int = MISSING
+    width: int = 1  # hidden width of each expert in multiples of the dense FFN's (ffn experts only); upcycling a
+    # wider expert duplicates the FFN's hidden units and halves their output weights, so it still equals the FFN
 
 
 @dataclass(kw_only=True)
@@ -134,6 +136,10 @@ class DataConfig:
     template: str = "plain"  # conversation template; see asymoe_train.data.conversation.TEMPLATES
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
     max_length: int = 128  # sequences longer than this are skipped and counted
+    # With split_turns, train on at most N turns per sample whose turn metadata `turn_cap_field` has a given value,
+    # e.g. {"yes/no": 2} keeps 2 random yes/no questions per image (rebalances families; eval is never capped).
+    turn_caps: dict[str, int] = field(default_factory=dict)
+    turn_cap_field: str = "family"
     resampled: bool = True  # draw shards with replacement per rank and worker (balanced, endless); False = split
     # the shard list by rank, then by DataLoader worker, and loop over it epoch after epoch
     shuffle_buffer: int = 2000

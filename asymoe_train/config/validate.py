@@ -82,6 +82,9 @@ def _validate_model(cfg: TrainConfig) -> None:
     for i, pool in enumerate(moe.pools):
         _choice(f"model.moe.pools.{i}.expert", pool.expert, sorted(EXPERT_TYPES))
         _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
+        _positive(f"model.moe.pools.{i}.width", pool.width)
+        if pool.width != 1 and pool.expert != "ffn":
+            raise ConfigError(f"model.moe.pools.{i}.width={pool.width}: only ffn experts can be widened")
         if pool.num_experts % cfg.engine.ep_size:
             raise ConfigError(
                 f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,12 +93,39 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
 class SampleDecoder:
     """Turns raw shard samples into sequences; counts what it skips."""
 
-    def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool):
+    def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool,
+                 turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0):
         self.encoder = encoder
         self.image_size = image_size
         self.max_length = max_length
         self.split_turns = split_turns
+        self.turn_caps = dict(turn_caps or {})
+        self.turn_cap_field = turn_cap_field
+        self.seed = seed
+        self._rng: random.Random | None = None
         self.skipped: Counter[str] = Counter()
+
+    @property
+    def rng(self) -> random.Random:
+        """Created on first use, inside the DataLoader worker, so every worker draws differently."""
+        if self._rng is None:
+            info = torch.utils.data.get_worker_info()
+            self._rng = random.Random(self.seed * 1000 + (info.id if info is not None else 0))
+        return self._rng
+
+    def cap_turns(self, groups: list) -> list:
+        """Keep at most ``turn_caps[value]`` randomly chosen single-turn groups per capped metadata value."""
+        by_value: dict[str, list[int]] = {}
+        for n, (_, meta) in enumerate(groups):
+            value = meta[-1].get(self.turn_cap_field)
+            if value in self.turn_caps:
+                by_value.setdefault(value, []).append(n)
+        dropped: set[int] = set()
+        for value, indices in by_value.items():
+            if len(indices) > self.turn_caps[value]:
+                keep = set(self.rng.sample(indices, self.turn_caps[value]))
+                dropped |= set(indices) - keep
+        return [g for n, g in enumerate(groups) if n not in dropped]
 
     def take_skipped(self) -> dict[str, int]:
         skipped, self.skipped = dict(self.skipped), Counter()
@@ -130,6 +158,8 @@ class SampleDecoder:
             groups = [([(_with_image(q, image is not None), a)], [metas[n]]) for n, (q, a) in enumerate(pairs)]
         else:
             groups = [(pairs, metas)]
+        if self.turn_caps and self.split_turns and not prompt_only:
+            groups = self.cap_turns(groups)
         sequences = []
         for group, meta in groups:
             encoded = self.encoder.encode(group, with_last_answer=not prompt_only)

@@ -42,10 +42,12 @@ class SwiGLUExperts(nn.Module):
     @torch.no_grad()
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert (sparse upcycling)."""
+        width = self.gate_EFD.shape[1] // mlp.gate_proj.weight.shape[0]
+        # A w-times wider expert repeats the hidden units w times and divides the down projection by w: same function.
         for target, source in (
-            (self.gate_EFD, mlp.gate_proj.weight),
-            (self.up_EFD, mlp.up_proj.weight),
-            (self.down_EDF, mlp.down_proj.weight),
+            (self.gate_EFD, mlp.gate_proj.weight.repeat(width, 1)),
+            (self.up_EFD, mlp.up_proj.weight.repeat(width, 1)),
+            (self.down_EDF, mlp.down_proj.weight.repeat(1, width) / width),
         ):
             if target.shape[1:] != source.shape:
                 raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
@@ -60,7 +62,7 @@ class SwiGLUExperts(nn.Module):
 
 
 def _ffn(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
-    return SwiGLUExperts(pool.num_experts, hidden, intermediate, act)
+    return SwiGLUExperts(pool.num_experts, hidden, intermediate * pool.width, act)
 
 
 def _evidence(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:

@@ -250,10 +250,11 @@ class Curvature(nn.Module):
         if not 0.0 < c_min <= init <= c_max:
             raise ValueError(f"curvature bounds need 0 < c_min <= init <= c_max; got {c_min}, {init}, {c_max}")
         self.c_min, self.c_max = c_min, c_max
-        self.log_c = nn.Parameter(torch.tensor(math.log(init)))
+        # shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        self.log_c = nn.Parameter(torch.tensor([math.log(init)]))
 
     def forward(self) -> torch.Tensor:
-        return self.log_c.float().clamp(math.log(self.c_min), math.log(self.c_max)).exp()
+        return self.log_c.float().clamp(math.log(self.c_min), math.log(self.c_max)).exp().squeeze(0)
 
     def extra_repr(self) -> str:
         return f"c_min={self.c_min}, c_max={self.c_max}"

@@ -82,9 +82,10 @@ class Trainer:
         self.logger = MetricsLogger(cfg.logger, self.run_dir, f"{cfg.experiment}/{os.path.basename(self.run_dir)}",
                                     asdict(cfg), rank)
 
-    def decoder(self) -> SampleDecoder:
-        return SampleDecoder(self.encoder, self.cfg.model.vision.image_size, self.cfg.data.max_length,
-                             self.cfg.data.split_turns)
+    def decoder(self, train: bool = False, seed: int = 0) -> SampleDecoder:
+        data = self.cfg.data
+        return SampleDecoder(self.encoder, self.cfg.model.vision.image_size, data.max_length, data.split_turns,
+                             data.turn_caps if train else None, data.turn_cap_field, seed)
 
     # ------------------------------------------------------------------------------------------------------ model
     def build_stage_model(self, index: int) -> VisionLanguageModel:
@@ -145,9 +146,10 @@ class Trainer:
         )
         counts = set_trainable(model, stage.trainable)
         engine = build_engine(model, self.cfg.engine, stage, stage.steps)
-        decoder = self.decoder()
+        seed = self.cfg.seed * 100 + index
+        decoder = self.decoder(train=True, seed=seed * 100 + self.rank)
         loader = train_loader(self.cfg.data, self.cfg.data.sources[stage.source], decoder, stage.batch_size,
-                              seed=self.cfg.seed * 100 + index, rank=self.rank, world_size=self.world_size)
+                              seed=seed, rank=self.rank, world_size=self.world_size)
         stream = iter(loader)
         budget = BadSampleBudget(self.cfg.data.max_bad_fraction)
         load = ExpertLoad()
