@@ -175,3 +175,26 @@ def test_turn_caps_keep_at_most_n_turns_of_a_family(tmp_path, tokenizer):
     # evaluation never caps
     full = list(eval_batches(data, "qa-*.tar", SampleDecoder(encoder, 32, 96, True), questions_per_batch=100))
     assert sum(b.input_ids_BT.shape[0] for b in full) == 4 * 6
+
+
+def test_dihedral_augmentation_covers_the_eight_symmetries_and_never_touches_eval(tmp_path, tokenizer):
+    from asymoe_train.data.pipeline import dihedral
+
+    image = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(3, 4, 4)
+    views = {tuple(dihedral(image, k).flatten().tolist()) for k in range(8)}
+    assert len(views) == 8 and tuple(image.flatten().tolist()) in views
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:4, :4] = 255  # a white corner: its position shows the transform
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    sample = {"__key__": "s0", "png": buf.getvalue(), "json": json.dumps({
+        "conversations": conversation(("what color is the shape?", "red"))}).encode()}
+    encoder = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
+    decoder = SampleDecoder(encoder, 32, 96, True, seed=0, augment="dihedral")
+    corners = set()
+    for _ in range(40):
+        image_t, _ = decoder.decode(sample, prompt_only=False)
+        corners.add(tuple((image_t[0, [0, 0, -1, -1], [0, -1, 0, -1]] > 0).tolist()))
+    assert len(corners) == 4  # the bright corner moved to every corner
+    image_t, _ = decoder.decode(sample, prompt_only=True)  # generation prompts (eval) are never augmented
+    assert image_t[0, 0, 0] > 0

@@ -16,7 +16,7 @@ SHORT = [
     "curriculum.stages.align.batch_size=4", "curriculum.stages.instruct.batch_size=2",
     "data.shuffle_buffer=20", "eval.max_samples=24", "logger.log_every=1",
 ]
-VARIANTS = ["dense", "vanilla", "modality", "moiie"]
+VARIANTS = ["dense", "vanilla", "modality", "moiie", "asymoe"]
 
 
 def clean_env() -> dict[str, str]:
@@ -52,6 +52,26 @@ def test_multirun_trains_every_variant_through_both_stages(tmp_path, demo_data):
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         losses = [m["loss/lm"] for m in metrics if "loss/lm" in m]
         assert len(losses) == 6 and all(0 < x < 20 for x in losses)
-        moe_keys = {k for m in metrics for k in m if k.startswith("moe/")}
-        assert bool(moe_keys) == (variant != "dense")
+        keys = {k for m in metrics for k in m}
+        assert any(k.startswith("moe/") for k in keys) == (variant != "dense")
+        if variant == "asymoe":  # the AsyMoE observables of both MoE layers
+            for layer in (1, 3):
+                assert {f"moe/L{layer}/hyperbolic/curvature", f"moe/L{layer}/evidence/alpha_e0",
+                        f"moe/L{layer}/text/s_evd_mean", f"moe/L{layer}/text/evidence_share"} <= keys
+            assert {"loss/order", "loss/evd", "loss/balance"} <= keys
         assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+
+
+@pytest.mark.slow
+def test_counterfactual_evidence_loss_trains(tmp_path, demo_data):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "asymoe_train.cli", "experiment=demo", "model/moe=asymoe", f"data.root={demo_data}",
+           f"hydra.run.dir={run_dir}", "model.moe.evidence.loss_kind=counterfactual",
+           "model.moe.evidence.counterfactual_every=1", "logger.mode=disabled", *SHORT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    counterfactual = [m["loss/evd_counterfactual"] for m in metrics if "loss/evd_counterfactual" in m]
+    assert len(counterfactual) == 3 and all(x >= 0 for x in counterfactual)
+    assert not any("loss/evd" in m for m in metrics)  # the routing form is off

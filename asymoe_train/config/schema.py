@@ -140,6 +140,9 @@ class DataConfig:
     # e.g. {"yes/no": 2} keeps 2 random yes/no questions per image (rebalances families; eval is never capped).
     turn_caps: dict[str, int] = field(default_factory=dict)
     turn_cap_field: str = "family"
+    # Training-image augmentation: none | dihedral (a random one of the 8 flips/90-degree rotations; only for data
+    # whose answers do not depend on orientation, such as easy-vqa's shapes and colours). Eval is never augmented.
+    augment: str = "none"
     resampled: bool = True  # draw shards with replacement per rank and worker (balanced, endless); False = split
     # the shard list by rank, then by DataLoader worker, and loop over it epoch after epoch
     shuffle_buffer: int = 2000

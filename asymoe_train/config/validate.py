@@ -150,6 +150,7 @@ def _validate_data(cfg: TrainConfig, world_size: int) -> None:
 
     _choice("data.template", data.template, sorted(TEMPLATES))
     _positive("data.max_length", data.max_length)
+    _choice("data.augment", data.augment, ("none", "dihedral"))
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers={data.num_workers} must be >= 0")
     if not 0 <= data.max_bad_fraction < 1:

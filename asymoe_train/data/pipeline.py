@@ -90,11 +90,18 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).sub_(0.5).div_(0.5)
 
 
+def dihedral(image_CHW: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k in 0..7): k % 4 quarter turns, then a mirror if k >= 4."""
+    image_CHW = torch.rot90(image_CHW, k % 4, dims=(1, 2))
+    return image_CHW.flip(2) if k >= 4 else image_CHW
+
+
 class SampleDecoder:
     """Turns raw shard samples into sequences; counts what it skips."""
 
     def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool,
-                 turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0):
+                 turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0,
+                 augment: str = "none"):
         self.encoder = encoder
         self.image_size = image_size
         self.max_length = max_length
@@ -102,6 +109,7 @@ class SampleDecoder:
         self.turn_caps = dict(turn_caps or {})
         self.turn_cap_field = turn_cap_field
         self.seed = seed
+        self.augment = augment
         self._rng: random.Random | None = None
         self.skipped: Counter[str] = Counter()
 
@@ -149,6 +157,8 @@ class SampleDecoder:
         if image_key is not None:
             try:
                 image = load_image(sample[image_key], self.image_size)
+                if self.augment == "dihedral" and not prompt_only:
+                    image = dihedral(image, self.rng.randrange(8))
             except Exception as exn:  # PIL raises many types for corrupt files
                 raise MalformedSample(f"unreadable image: {exn}") from exn
         elif any(IMAGE_PLACEHOLDER in q for q, _ in pairs):

@@ -10,6 +10,26 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 
+@torch.no_grad()
+def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor, mlp: nn.Module,
+             noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+    """Write a dense Llama-style MLP (gate_proj, up_proj, down_proj) into stacked expert weights, optionally with
+    relative noise. A w-times wider expert repeats the hidden units w times and divides the down projection by w,
+    which computes the same function."""
+    width = gate_EFD.shape[1] // mlp.gate_proj.weight.shape[0]
+    for target, source in (
+        (gate_EFD, mlp.gate_proj.weight.repeat(width, 1)),
+        (up_EFD, mlp.up_proj.weight.repeat(width, 1)),
+        (down_EDF, mlp.down_proj.weight.repeat(1, width) / width),
+    ):
+        if target.shape[1:] != source.shape:
+            raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
+        target.copy_(source.unsqueeze(0).expand_as(target))
+        if noise_std > 0:
+            noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
+            target.add_(noise * noise_std * source.float().std().to(target))
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU FFN experts (the Llama MLP form), weights stacked as ``[E, out, in]`` like ``nn.Linear``."""
 
@@ -39,22 +59,9 @@ class SwiGLUExperts(nn.Module):
             start += count
         return torch.cat(outputs, dim=0)
 
-    @torch.no_grad()
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert (sparse upcycling)."""
-        width = self.gate_EFD.shape[1] // mlp.gate_proj.weight.shape[0]
-        # A w-times wider expert repeats the hidden units w times and divides the down projection by w: same function.
-        for target, source in (
-            (self.gate_EFD, mlp.gate_proj.weight.repeat(width, 1)),
-            (self.up_EFD, mlp.up_proj.weight.repeat(width, 1)),
-            (self.down_EDF, mlp.down_proj.weight.repeat(1, width) / width),
-        ):
-            if target.shape[1:] != source.shape:
-                raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
-            target.copy_(source.unsqueeze(0).expand_as(target))
-            if noise_std > 0:
-                noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
-                target.add_(noise * noise_std * source.float().std().to(target))
+        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
 
     def params_per_expert(self) -> int:
         """Parameters of one expert."""

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from asymoe_train.moe.experts import copy_mlp
 from asymoe_train.moe.hyperbolic import (
     Curvature,
     lorentz_expmap0,
@@ -158,17 +159,7 @@ class HyperbolicExperts(nn.Module):
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert's space weights (sparse
         upcycling), zero the biases and time columns, and reset the pre-scale to ``init_scale``."""
-        for target, source in (
-            (self.gate_EFD, mlp.gate_proj.weight),
-            (self.up_EFD, mlp.up_proj.weight),
-            (self.down_EDF, mlp.down_proj.weight),
-        ):
-            if target.shape[1:] != source.shape:
-                raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
-            target.copy_(source.unsqueeze(0).expand_as(target))
-            if noise_std > 0:
-                noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
-                target.add_(noise * noise_std * source.float().std().to(target))
+        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
         for name, param in self.named_parameters():
             if "_bias_" in name or "_time_" in name:
                 param.zero_()

@@ -85,7 +85,8 @@ class Trainer:
     def decoder(self, train: bool = False, seed: int = 0) -> SampleDecoder:
         data = self.cfg.data
         return SampleDecoder(self.encoder, self.cfg.model.vision.image_size, data.max_length, data.split_turns,
-                             data.turn_caps if train else None, data.turn_cap_field, seed)
+                             data.turn_caps if train else None, data.turn_cap_field, seed,
+                             data.augment if train else "none")
 
     # ------------------------------------------------------------------------------------------------------ model
     def build_stage_model(self, index: int) -> VisionLanguageModel:
