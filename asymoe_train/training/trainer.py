@@ -25,7 +25,7 @@ from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
-from asymoe_train.training.checkpoint import load_stage_weights, save_stage
+from asymoe_train.training.checkpoint import load_stage_model, save_stage
 from asymoe_train.training.groups import set_trainable
 from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
 
@@ -91,16 +91,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------ model
     def build_stage_model(self, index: int) -> VisionLanguageModel:
         """The model a stage starts from: the previous stage's weights, upcycled if this or an earlier stage says so."""
-        names = list(self.cfg.curriculum.stages)
-        stages = list(self.cfg.curriculum.stages.values())
-        model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+        stages = self.cfg.curriculum.stages
+        names = list(stages)
         if index > 0:
-            if any(s.upcycle for s in stages[:index]):
-                model.upcycle()
-            load_stage_weights(model, self.run_dir, names[index - 1])
-        if stages[index].upcycle:
-            generator = torch.Generator().manual_seed(self.cfg.seed + 1)
-            model.upcycle(generator)
+            model = load_stage_model(self.cfg.model, stages, self.run_dir, names[index - 1],
+                                     self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+        else:
+            model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+        if stages[names[index]].upcycle:
+            model.upcycle(torch.Generator().manual_seed(self.cfg.seed + 1))
         return model
 
     def describe(self) -> None:
