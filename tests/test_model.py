@@ -129,3 +129,18 @@ def test_evidence_layers_deep_half_keeps_ep_experts_out_of_shallow_layers():
     blocks = model.moe_blocks()
     assert "evidence" not in blocks[1].pools and "evidence" in blocks[3].pools
     assert len(blocks[1].reach("text")) == 3 and len(blocks[3].reach("text")) == 4
+
+
+@pytest.mark.parametrize("variant", ["moiie", "asymoe"])
+def test_parameter_counts_on_the_meta_device(variant):
+    """The trainer counts parameters of the upcycled model before training, on the meta device (no memory)."""
+    from test_asymoe import asymoe_cfg
+
+    cfg = tiny(asymoe_cfg() if variant == "asymoe" else MOIIE)
+    with torch.device("meta"):
+        meta = build_model(cfg, VOCAB, 0)
+        meta.upcycle()
+        counted = meta.parameter_counts()
+    real = build_model(cfg, VOCAB, 0)
+    real.upcycle()
+    assert counted == real.parameter_counts()

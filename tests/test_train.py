@@ -34,7 +34,7 @@ def test_multirun_trains_every_variant_through_both_stages(tmp_path, demo_data):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env(), cwd=tmp_path,
                           start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dirs = sorted(glob.glob(str(sweep / "*")))
+    run_dirs = sorted(d for d in glob.glob(str(sweep / "*")) if os.path.isdir(d))
     assert [os.path.basename(d).split("-", 1)[1] for d in run_dirs] == VARIANTS
     printed = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run_dir: ")]
     assert sorted(printed) == run_dirs

@@ -14,6 +14,7 @@ to the EP logits; the dispatched rows then gather their precomputed evidence out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,8 @@ class EvidenceExperts(nn.Module):
         # zero output projection: a fresh expert is exactly its memory FFN
         self.out_EDX = nn.Parameter(torch.zeros(num_experts, hidden_size, hidden_size))
         self.null_key_EHC = nn.Parameter(torch.zeros(num_experts, num_heads, hidden_size // num_heads))
-        self.gate_logit_E = nn.Parameter(torch.full((num_experts,), float(torch.logit(torch.tensor(alpha_init)))))
+        # logit in plain Python: the model is also built on the meta device (parameter counting), where .item() fails
+        self.gate_logit_E = nn.Parameter(torch.full((num_experts,), math.log(alpha_init / (1 - alpha_init))))
 
     @property
     def alpha_E(self) -> torch.Tensor:
