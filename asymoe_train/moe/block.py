@@ -65,6 +65,9 @@ class MoEBlock(nn.Module):
             self.routers[router.name] = TopKRouter(hidden_size, len(reach), cfg.top_k, cfg.router_init_std)
             self.register_buffer(f"reach_{router.name}", torch.tensor(reach, dtype=torch.long), persistent=False)
             self.router_modalities[router.name] = [CODES[m] for m in router.modalities]
+            # as a buffer, so forward does not build (and copy to the device) a tensor per router per call
+            codes = torch.tensor(self.router_modalities[router.name], dtype=torch.long)
+            self.register_buffer(f"codes_{router.name}", codes, persistent=False)
             cols, col = [], 0
             for p in pools:
                 if getattr(self.pools[p], "needs_context", False):
@@ -104,8 +107,7 @@ class MoEBlock(nn.Module):
         zero = x_TD.new_zeros((), dtype=torch.float32)
         balance, zl, evd = zero, zero, zero
         for name, router in self.routers.items():
-            codes = torch.tensor(self.router_modalities[name], device=modality_T.device)
-            token_N = torch.isin(modality_T, codes).nonzero(as_tuple=True)[0]
+            token_N = torch.isin(modality_T, getattr(self, f"codes_{name}")).nonzero(as_tuple=True)[0]
             bias_NR = None
             context_pools = self.router_context_pools[name]
             if context_pools:
