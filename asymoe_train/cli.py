@@ -1,6 +1,7 @@
 """``asymoe-train``: the Hydra training application (``--cfg job``, ``-m`` multirun and overrides all work), plus
-two subcommands that need no Hydra config:
+subcommands:
 
+    asymoe-train plan [world_size=N] [overrides]     parameters, per-GPU memory and schedule; allocates nothing
     asymoe-train export <run_dir> [--stage NAME] [--out DIR]
     asymoe-train generate <export_dir> --image PATH --question "..." [--max-new-tokens N]
 """
@@ -17,18 +18,47 @@ from omegaconf import DictConfig
 from asymoe_train.config import register_configs
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-COMMANDS = ("export", "generate")
+COMMANDS = ("plan", "export", "generate")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def _app(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> float | None:
+    """Train. With ``optimized_metric`` set (``++optimized_metric=instruct.cp_test.accuracy``, as the Optuna sweep in
+    conf/hparams_search/ does), rank 0 returns that result as a float for the sweeper; otherwise returns None."""
     from asymoe_train.config.validate import ConfigError
+    from asymoe_train.distributed.engine import world
     from asymoe_train.train import train
 
+    metric = cfg.get("optimized_metric")
     try:
-        train(cfg)
+        if metric:
+            check_metric(cfg, metric)
+        results = train(cfg)
     except ConfigError as exn:
         sys.exit(f"config error: {exn}")
+    return metric_value(results, metric) if metric and world()[0] == 0 else None
+
+
+def check_metric(cfg: DictConfig, metric: str) -> None:
+    """Fail before training when ``optimized_metric`` names no evaluation result of this run."""
+    from asymoe_train.config.validate import ConfigError
+
+    stage, split, *rest = metric.split(".") + ["", ""]
+    stages = [name for name, conf in cfg.curriculum.stages.items() if conf.get("eval", True)]
+    if stage not in stages or split not in cfg.data.eval_sources or rest[0] not in ("accuracy", "breakdown"):
+        raise ConfigError(f"optimized_metric={metric} is not <stage>.<split>.accuracy (or "
+                          f"<stage>.<split>.breakdown.<key>.accuracy) with an evaluated stage of {stages} and a split "
+                          f"of data.eval_sources {list(cfg.data.eval_sources)}")
+
+
+def metric_value(results: dict, metric: str) -> float:
+    """The number at the dotted path ``metric`` in train()'s results, e.g. ``instruct.cp_test.accuracy``."""
+    value = results
+    for key in metric.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(f"optimized_metric={metric}: no {key!r} in the results")
+        value = value[key]
+    return float(value)
 
 
 def _positive_int(text: str) -> int:
@@ -39,9 +69,14 @@ def _positive_int(text: str) -> int:
 
 
 def command_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asymoe-train", description="Export a trained run, or ask it a question. "
-                                     "Without a subcommand, asymoe-train trains (Hydra overrides; see --help).")
+    parser = argparse.ArgumentParser(prog="asymoe-train", description="Plan a run, export a trained run, or ask it "
+                                     "a question. Without a subcommand, asymoe-train trains (Hydra overrides; see "
+                                     "--help).")
     commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="total and activated parameters, per-GPU memory of weights, gradients and "
+                               "optimizer states, tokens and steps per stage; builds the model on the meta device")
+    plan.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                      help="world_size=N (GPUs, default 1) and Hydra overrides, e.g. experiment=asymoe_llama3_8b")
     export = commands.add_parser("export", help="consolidated weights + config of a run's stage, loadable in plain "
                                  "PyTorch (asymoe_train.load_pretrained)")
     export.add_argument("run_dir", help="a run directory, outputs/<experiment>/<run_id>")
@@ -62,7 +97,11 @@ def run_command(argv: list[str]) -> None:
     """``export`` or ``generate``; user errors exit with one line naming the file and what to run."""
     args = command_parser().parse_args(argv)
     try:
-        if args.command == "export":
+        if args.command == "plan":
+            from asymoe_train.plan import plan_command
+
+            print(plan_command(args.overrides))
+        elif args.command == "export":
             from asymoe_train.export import export
 
             out = export(args.run_dir, args.stage, args.out, args.tokenizer)

@@ -2,8 +2,8 @@
 PyTorch on one device: no DeepSpeed, no process group, no run directory, no shards.
 
 An export directory holds ``model.safetensors``, ``tokenizer.json`` and ``config.yaml`` (:class:`ExportConfig`).
-Backbones configured by a local path (``model.vision.path``, ``model.lm.path``) are rebuilt from that path before
-the exported weights replace theirs, so the path must also exist where the export is loaded.
+Backbones configured by a local path (``model.backbone.vision_path``, ``model.backbone.lm_path``) are rebuilt from
+that path before the exported weights replace theirs, so the path must also exist where the export is loaded.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from asymoe_train.config import to_typed, validate
+from asymoe_train.config.derive import resolve_schedule
 from asymoe_train.distributed.engine import init_distributed, world
+from asymoe_train.models.backbones import sync_backbone_sizes
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +20,27 @@ def train(cfg: DictConfig) -> dict:
     """Run the curriculum of a composed config; prints ``run_dir: <path>`` last."""
     typed = to_typed(cfg)
     rank, world_size = world()
+    changes = sync_backbone_sizes(typed.model)  # a checkpoint's config.json wins over the sizes in the config
     validate(typed, world_size)  # before any process group or model exists
+    changes += resolve_schedule(typed, world_size)  # steps from epochs, grad_accum from global batch, warm-up ratio
+    if rank == 0:
+        for change in changes:
+            log.info("derived %s", change)
     if typed.engine.threads:
         torch.set_num_threads(typed.engine.threads)
     os.makedirs(typed.run_dir, exist_ok=True)
     if rank == 0:
         OmegaConf.save(OmegaConf.structured(typed), os.path.join(typed.run_dir, "config.yaml"))
     init_distributed(typed.engine)
-    from asymoe_train.training.trainer import Trainer
+    from asymoe_train.training.trainer import Preempted, Trainer
 
-    results = Trainer(typed, rank, world_size).run()
+    try:
+        results = Trainer(typed, rank, world_size).run()
+    except Preempted as stop:
+        if rank == 0:
+            print(f"{stop}; continue with: resume=auto hydra.run.dir={typed.run_dir}")
+            print(f"run_dir: {typed.run_dir}")
+        return {}
     if rank == 0:
         print(f"run_dir: {typed.run_dir}")
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_split_stream_gives_each_rank_its_own_shards_and_loops(tmp_path, tokeniz
         record["sid"] = [i] * 3
         sample["json"] = json.dumps(record).encode()
     write_shards(tmp_path, samples, per_shard=2)  # 4 shards
-    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=1, resampled=False)
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=1, resampled=False, num_streams=4)
     seen = {}
     for rank in (0, 1):
         decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, True)
@@ -147,6 +148,57 @@ def test_split_stream_gives_each_rank_its_own_shards_and_loops(tmp_path, tokeniz
     assert seen[0][:4] == seen[0][4:] and seen[1][:4] == seen[1][4:]  # the stream loops epoch after epoch
     assert set(seen[0][:4]).isdisjoint(seen[1][:4])
     assert sorted(seen[0][:4] + seen[1][:4]) == list(range(8))
+
+
+def _prefix_keys(spec, stream: int, position) -> list[str]:
+    """Keys a logical stream yields from its start up to ``position`` (draw, taken)."""
+    keys = []
+    for draw in range(position[0] + 1):
+        shard = [s["__key__"] for s in spec.shard_samples(stream, draw, wds.reraise_exception)]
+        keys += shard[: position[1]] if draw == position[0] else shard
+    return keys
+
+
+def test_train_stream_resumes_exactly_from_a_batch_position(tmp_path, tokenizer):
+    write_shards(tmp_path, [good_sample(i) for i in range(11)], per_shard=3)
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=2, num_streams=3, augment="dihedral")
+
+    def batches(n, start=None):
+        decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, True,
+                                turn_caps={"yes/no": 1}, seed=5, augment="dihedral")
+        stream = iter(train_loader(data, "qa-*.tar", decoder, batch_size=4, seed=2, start=start))
+        return [next(stream) for _ in range(n)]
+
+    run = batches(7)
+    resumed = batches(4, start=run[2].positions)
+    for a, b in zip(run[3:], resumed):
+        assert a.keys == b.keys
+        assert torch.equal(a.input_ids_BT, b.input_ids_BT)
+        assert torch.equal(a.pixel_values_NCHW, b.pixel_values_NCHW)  # augmentation draws replay too
+    assert len({tuple(b.keys) for b in run}) > 1
+
+
+def test_stream_positions_carry_over_a_change_of_ranks(tmp_path, tokenizer):
+    from asymoe_train.data.pipeline import StreamSpec
+
+    write_shards(tmp_path, [good_sample(i) for i in range(10)], per_shard=2)
+    data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=3, num_streams=4)
+    decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, True)
+    consumed, positions = [], {}
+    for rank in (0, 1):  # 2 ranks take 3 batches each, as a 2-rank run that checkpoints
+        stream = iter(train_loader(data, "qa-*.tar", decoder, batch_size=3, seed=4, rank=rank, world_size=2))
+        for _ in range(3):
+            batch = next(stream)
+            consumed += batch.keys
+        assert set(batch.positions).isdisjoint(positions)  # ranks own disjoint streams
+        positions.update(batch.positions)
+    stream = iter(train_loader(data, "qa-*.tar", decoder, batch_size=5, seed=4, start=positions))
+    for _ in range(4):  # ... resumed on 1 rank
+        batch = next(stream)
+        consumed += batch.keys
+    spec = StreamSpec(tuple(sorted(str(p) for p in tmp_path.glob("qa-*.tar"))), 4, 4, True, 3)
+    expected = [key for s, position in batch.positions.items() for key in _prefix_keys(spec, s, position)]
+    assert Counter(consumed) == Counter(expected)  # every stream continued where it stood: none skipped or repeated
 
 
 def test_cosine_schedule_warms_up_and_decays_to_the_floor():

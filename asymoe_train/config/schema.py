@@ -13,27 +13,38 @@ from omegaconf import MISSING
 
 
 @dataclass(kw_only=True)
+class BackboneConfig:
+    """Local Hugging Face checkpoints of the backbones (never downloaded). Empty = random init from the sizes in
+    ``model.vision`` / ``model.lm``. When a path holds a checkpoint, its ``config.json`` overrides those sizes (and the
+    type) before validation, so image-token counts and ``asymoe-train plan`` follow the checkpoint."""
+
+    vision_path: str = ""  # SigLIP or CLIP: a vision-only or a full (text + vision) checkpoint directory
+    lm_path: str = ""  # Llama, Qwen2, Mistral or Phi-3 causal LM checkpoint directory
+
+
+@dataclass(kw_only=True)
 class VisionConfig:
-    """Vision tower, built from a tiny config with random weights (``path`` empty) or loaded from a local path."""
+    """Vision tower architecture (the checkpoint's when ``model.backbone.vision_path`` is set)."""
 
     type: str = "siglip"  # siglip | clip
-    path: str = ""  # local Hugging Face checkpoint; empty = random init from the sizes below
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 512
-    feature_layer: int = -1  # hidden state fed to the projector (LLaVA uses -2, the penultimate layer)
+    feature_layer: int = -1  # hidden state fed to the projector: -1 = the tower's output (after SigLIP's final
+    # LayerNorm), other values index hidden_states (0 = embeddings); LLaVA uses -2, the penultimate layer's output
     merge: int = 4  # merge merge x merge patches into one image token (channel concat); 1 = one token per patch
 
 
 @dataclass(kw_only=True)
 class LMConfig:
-    """Language model: a Hugging Face Llama-family causal LM, tiny and random (``path`` empty) or from a local path."""
+    """Language model architecture: a Hugging Face Llama-family causal LM (the checkpoint's when
+    ``model.backbone.lm_path`` is set)."""
 
-    type: str = "llama"  # llama | qwen2 | mistral
-    path: str = ""
+    type: str = "llama"  # llama | qwen2 | mistral | phi3
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's vocabulary (a larger tokenizer grows the embeddings)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -118,6 +129,7 @@ class ModelConfig:
     """Vision tower + projector + language model with MoE slots."""
 
     name: str = "tiny"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -132,6 +144,9 @@ class DataConfig:
     root: str = "data/easy_vqa"
     tokenizer: str = "tokenizer.json"  # relative to root, or absolute
     sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, named by curriculum stages
+    # name -> samples (shard samples, i.e. images or conversations) in that source; needed by stages that set
+    # `epochs`, and lets `asymoe-train plan` report steps per epoch
+    source_sizes: dict[str, int] = field(default_factory=dict)
     eval_sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, evaluated at stage ends
     template: str = "plain"  # conversation template; see asymoe_train.data.conversation.TEMPLATES
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
@@ -146,6 +161,10 @@ class DataConfig:
     resampled: bool = True  # draw shards with replacement per rank and worker (balanced, endless); False = split
     # the shard list by rank, then by DataLoader worker, and loop over it epoch after epoch
     shuffle_buffer: int = 2000
+    # Logical training streams. A stream is a seeded sequence of shard draws; ranks x workers share them out, so a
+    # checkpoint's data position (stream, shard draw, sample) survives a change of ranks or workers. >= ranks x workers
+    num_streams: int = 8
+    record_keys: bool = False  # append each step's sample keys to <run_dir>/data_keys/rank<r>.jsonl (data audits)
     num_workers: int = 1
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples is unreadable or malformed
 
@@ -167,12 +186,17 @@ class StageConfig:
     """One curriculum stage."""
 
     source: str = MISSING  # key of data.sources
-    steps: int = MISSING  # optimizer steps
+    steps: int = 0  # optimizer steps; 0 = from `epochs`
+    epochs: float = 0.0  # passes over data.source_sizes[source]; when > 0 it sets steps = ceil(epochs * size / global
+    # batch). Streams are resampled, so an epoch is that many samples, not a guarantee to see each one once
     batch_size: int = 8  # images (shard samples) per micro-batch per rank
     grad_accum: int = 1
+    global_batch_size: int = 0  # samples per optimizer step over all ranks; when > 0 it sets
+    # grad_accum = global_batch_size / (batch_size * world_size), which must divide evenly
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # when > 0 it sets warmup_steps = ceil(warmup_ratio * steps)
     weight_decay: float = 0.0
     trainable: list[str] = field(default_factory=list)  # groups: see asymoe_train.training.groups.GROUPS
     upcycle: bool = False  # turn FFN slots into MoE blocks (sparse upcycling) at the start of this stage
@@ -214,6 +238,14 @@ class LoggerConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Resumable checkpoints under <run_dir>/checkpoints: stage ends always, plus every ``every_steps``."""
+
+    every_steps: int = 0  # optimizer steps between mid-stage checkpoints; 0 = only at stage ends (and on SIGTERM)
+    keep_last: int = 2  # mid-stage checkpoints kept (oldest removed first); stage-end checkpoints are always kept
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     """Exact-match VQA evaluation by greedy generation."""
 
@@ -235,3 +267,5 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "none"  # none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory

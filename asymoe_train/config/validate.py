@@ -8,11 +8,18 @@ from __future__ import annotations
 import glob
 import os
 
-from asymoe_train.config.derive import MODALITIES, evidence_layer_indices, moe_layer_indices, reachable_experts
+from asymoe_train.config.derive import (
+    MODALITIES,
+    evidence_layer_indices,
+    moe_layer_indices,
+    reachable_experts,
+    stage_steps,
+    stage_warmup,
+)
 from asymoe_train.config.schema import DataConfig, TrainConfig
 
 VISION_TYPES = ("siglip", "clip")
-LM_TYPES = ("llama", "qwen2", "mistral")
+LM_TYPES = ("llama", "qwen2", "mistral", "phi3")
 PRECISIONS = ("fp32", "bf16")
 LOGGER_MODES = ("offline", "online", "disabled")
 
@@ -41,6 +48,21 @@ def shard_files(data: DataConfig, pattern: str) -> list[str]:
     return sorted(glob.glob(resolve_data_path(data, pattern)))
 
 
+def _validate_backbone_paths(cfg: TrainConfig) -> None:
+    """Each configured backbone path is a local Hugging Face checkpoint: config.json and weights."""
+    backbone = cfg.model.backbone
+    for key, path, what in (("model.backbone.vision_path", backbone.vision_path, "SigLIP/CLIP vision tower"),
+                            ("model.backbone.lm_path", backbone.lm_path, "causal LM")):
+        if not path:
+            continue
+        fix = (f"set {key}=<local directory of a {what} checkpoint> (nothing is downloaded), or {key}='' for a "
+               "random init from the sizes in the config")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}={path!r} holds no Hugging Face checkpoint (no config.json there); {fix}")
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+            raise ConfigError(f"{key}={path!r} has a config.json but no weights (*.safetensors or *.bin); {fix}")
+
+
 def _validate_model(cfg: TrainConfig) -> None:
     vision, lm, moe = cfg.model.vision, cfg.model.lm, cfg.model.moe
     _choice("model.vision.type", vision.type, VISION_TYPES)
@@ -48,15 +70,27 @@ def _validate_model(cfg: TrainConfig) -> None:
     _choice("model.lm.attn_implementation", lm.attn_implementation, ("sdpa", "eager"))
     for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "merge"):
         _positive(f"model.vision.{key}", getattr(vision, key))
-    if vision.image_size % vision.patch_size:
+    if vision.image_size < vision.patch_size:
         raise ConfigError(
-            f"model.vision.image_size={vision.image_size} is not divisible by model.vision.patch_size={vision.patch_size}"
+            f"model.vision.image_size={vision.image_size} is smaller than model.vision.patch_size={vision.patch_size}"
         )
-    grid = vision.image_size // vision.patch_size
+    grid = vision.image_size // vision.patch_size  # the patch convolution drops a remainder (SigLIP 384/14: 27)
     if grid % vision.merge:
         raise ConfigError(
             f"model.vision.merge={vision.merge} does not divide the {grid}x{grid} patch grid; "
             f"use a divisor of {grid}"
+        )
+    if not -vision.num_layers - 1 <= vision.feature_layer <= vision.num_layers:
+        raise ConfigError(
+            f"model.vision.feature_layer={vision.feature_layer} is not a hidden state of a {vision.num_layers}-layer "
+            f"tower; use -1 (the output), -2 (the penultimate layer) or an index in [0, {vision.num_layers}]"
+        )
+    if lm.vocab_size < 0:
+        raise ConfigError(f"model.lm.vocab_size={lm.vocab_size} must be >= 0 (0 = the tokenizer's vocabulary)")
+    if cfg.data.max_length > lm.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds model.lm.max_position_embeddings="
+            f"{lm.max_position_embeddings}; shorten data.max_length"
         )
     if vision.hidden_size % vision.num_heads:
         raise ConfigError(f"model.vision.hidden_size={vision.hidden_size} is not divisible by num_heads={vision.num_heads}")
@@ -144,7 +178,7 @@ def _validate_model(cfg: TrainConfig) -> None:
             )
 
 
-def _validate_data(cfg: TrainConfig, world_size: int) -> None:
+def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
     from asymoe_train.data.conversation import TEMPLATES
 
@@ -153,8 +187,21 @@ def _validate_data(cfg: TrainConfig, world_size: int) -> None:
     _choice("data.augment", data.augment, ("none", "dihedral"))
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers={data.num_workers} must be >= 0")
+    readers = world_size * max(1, data.num_workers)
+    if data.num_streams < readers:
+        raise ConfigError(
+            f"data.num_streams={data.num_streams} is fewer than the {readers} readers ({world_size} ranks x "
+            f"{max(1, data.num_workers)} workers); every reader needs a stream: set data.num_streams >= {readers} "
+            "(keep it fixed across resumes so the data position carries over)"
+        )
     if not 0 <= data.max_bad_fraction < 1:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
+    for name, size in data.source_sizes.items():
+        if name not in data.sources:
+            raise ConfigError(f"data.source_sizes.{name}: no such source in data.sources {sorted(data.sources)}")
+        _positive(f"data.source_sizes.{name}", size)
+    if not files:
+        return
     tokenizer = resolve_data_path(data, data.tokenizer)
     hint = "build the demo shards with `make data`, or point data.root at your shards"
     if not os.path.isfile(tokenizer):
@@ -164,16 +211,15 @@ def _validate_data(cfg: TrainConfig, world_size: int) -> None:
             shards = shard_files(data, pattern)
             if not shards:
                 raise ConfigError(f"data.{group}.{name}: no shards match {resolve_data_path(data, pattern)}; {hint}")
-            readers = world_size * max(1, data.num_workers)
-            if group == "sources" and not data.resampled and len(shards) < readers:
+            if group == "sources" and not data.resampled and len(shards) < data.num_streams:
                 raise ConfigError(
-                    f"data.sources.{name}: {len(shards)} shards for {world_size} ranks x "
-                    f"{max(1, data.num_workers)} workers; with data.resampled=false every reader needs a shard. "
-                    "Set data.resampled=true, lower data.num_workers, or write more, smaller shards"
+                    f"data.sources.{name}: {len(shards)} shards for data.num_streams={data.num_streams}; with "
+                    "data.resampled=false every stream needs a shard. Set data.resampled=true, lower "
+                    "data.num_streams (>= ranks x workers), or write more, smaller shards"
                 )
 
 
-def _validate_curriculum(cfg: TrainConfig) -> None:
+def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
     from asymoe_train.training.groups import GROUPS
 
     stages = cfg.curriculum.stages
@@ -186,13 +232,32 @@ def _validate_curriculum(cfg: TrainConfig) -> None:
         key = f"curriculum.stages.{name}"
         if stage.source not in cfg.data.sources:
             raise ConfigError(f"{key}.source={stage.source!r} is not in data.sources {sorted(cfg.data.sources)}")
-        for field_name in ("steps", "batch_size", "grad_accum", "lr"):
+        for field_name in ("batch_size", "grad_accum", "lr"):
             _positive(f"{key}.{field_name}", getattr(stage, field_name))
+        if stage.global_batch_size < 0 or stage.global_batch_size % (stage.batch_size * world_size):
+            raise ConfigError(
+                f"{key}.global_batch_size={stage.global_batch_size} is not a multiple of {key}.batch_size="
+                f"{stage.batch_size} x {world_size} ranks; change either so that gradient accumulation is a whole "
+                "number"
+            )
+        if stage.epochs < 0 or stage.steps < 0:
+            raise ConfigError(f"{key}: steps={stage.steps} and epochs={stage.epochs} must be >= 0")
+        if stage.epochs == 0 and stage.steps == 0:
+            raise ConfigError(f"{key}: set {key}.steps (optimizer steps) or {key}.epochs (passes over the source)")
+        steps = stage_steps(stage, cfg.data, world_size)
+        if steps is None:
+            raise ConfigError(
+                f"{key}.epochs={stage.epochs} needs the size of source {stage.source!r}: set "
+                f"data.source_sizes.{stage.source}=<samples>, or train for {key}.steps instead"
+            )
         if not 0 <= stage.min_lr_ratio <= 1:
             raise ConfigError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
-        if stage.warmup_steps < 0 or stage.warmup_steps >= stage.steps:
+        if not 0 <= stage.warmup_ratio < 1:
+            raise ConfigError(f"{key}.warmup_ratio={stage.warmup_ratio} must be in [0, 1)")
+        warmup = stage_warmup(stage, steps)
+        if warmup < 0 or warmup >= steps:
             raise ConfigError(
-                f"{key}.warmup_steps={stage.warmup_steps} must be in [0, steps={stage.steps}); "
+                f"{key}.warmup_steps={warmup} must be in [0, steps={steps}); "
                 f"for a short run also set {key}.warmup_steps"
             )
         if not stage.trainable:
@@ -224,14 +289,19 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Check a typed config before anything is built; raise ``ValueError`` naming the key and the fix."""
+def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
+    """Check a typed config before anything is built; raise ``ValueError`` naming the key and the fix.
+
+    ``files=False`` skips what lives on disk (backbone checkpoints, tokenizer, shards): ``asymoe-train plan`` checks a
+    recipe on a machine without its weights and data."""
     _positive("world_size", world_size)
     _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _positive("logger.log_every", cfg.logger.log_every)
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    if files:
+        _validate_backbone_paths(cfg)
     _validate_model(cfg)
     _validate_engine(cfg, world_size)
-    _validate_curriculum(cfg)
-    _validate_data(cfg, world_size)
+    _validate_curriculum(cfg, world_size)
+    _validate_data(cfg, world_size, files)

@@ -63,6 +63,8 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)
     answers: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # shard sample keys, one per sample
+    positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # training streams after this batch
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {
@@ -115,11 +117,17 @@ class SampleDecoder:
 
     @property
     def rng(self) -> random.Random:
-        """Created on first use, inside the DataLoader worker, so every worker draws differently."""
+        """Draws of the sample being decoded (turn caps, augmentation): seeded by the sample's stream position when
+        it has one, so a resumed stream decodes exactly as the uninterrupted one; else per worker."""
         if self._rng is None:
             info = torch.utils.data.get_worker_info()
             self._rng = random.Random(self.seed * 1000 + (info.id if info is not None else 0))
         return self._rng
+
+    def seed_sample(self, sample: dict) -> None:
+        if "__stream__" in sample:
+            stream, (draw, taken, _) = sample["__stream__"]
+            self._rng = random.Random(f"{self.seed}:{stream}:{draw}:{taken}")
 
     def cap_turns(self, groups: list) -> list:
         """Keep at most ``turn_caps[value]`` randomly chosen single-turn groups per capped metadata value."""
@@ -147,6 +155,7 @@ class SampleDecoder:
 
     def decode(self, sample: dict, prompt_only: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Image tensor (or None) and the sample's sequences; raises MalformedSample or returns no sequences."""
+        self.seed_sample(sample)
         try:
             record = json.loads(sample["json"])
             pairs = turns(record["conversations"])
@@ -184,6 +193,7 @@ class SampleDecoder:
         """Group decoded samples into batches of ``images_per_batch`` samples (or ``seqs_per_batch`` sequences)."""
         images: list[torch.Tensor] = []
         sequences: list[Sequence] = []
+        keys: list[str] = []
         num_samples = 0
         emitted = 0
         for sample in samples:
@@ -202,19 +212,20 @@ class SampleDecoder:
                     seq.image_row = len(images)
                 images.append(image)
             sequences.extend(seqs)
+            keys.append(str(sample.get("__key__")))
             num_samples += 1
             full = num_samples >= images_per_batch if images_per_batch else len(sequences) >= seqs_per_batch
             done = max_sequences and emitted + len(sequences) >= max_sequences
             if full or done:
                 yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                              left_pad=prompt_only)
+                              left_pad=prompt_only, keys=keys)
                 emitted += len(sequences)
-                images, sequences, num_samples = [], [], 0
+                images, sequences, keys, num_samples = [], [], [], 0
                 if done:
                     return
         if sequences:
             yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                          left_pad=prompt_only)
+                          left_pad=prompt_only, keys=keys)
 
 
 def _with_image(question: str, has_image: bool) -> str:
@@ -233,7 +244,7 @@ def _turn_meta(record: dict, num_turns: int) -> list[dict]:
 
 
 def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: int, skipped: dict[str, int],
-            pad_id: int, left_pad: bool = False) -> Batch:
+            pad_id: int, left_pad: bool = False, keys: list[str] | None = None) -> Batch:
     """Pad sequences to a common length (left for generation prompts, right for training)."""
     length = max(len(s.encoded.input_ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -257,54 +268,115 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         skipped=skipped,
         answers=[s.answer for s in sequences],
         meta=[s.meta for s in sequences],
+        keys=list(keys or []),
     )
 
 
-def _looped_split(urls: list[str], rank: int, world_size: int):
-    """This rank's shards (every world_size-th), then this worker's share of them, repeated forever.
+Position = tuple[int, int, int]  # one logical stream: (shard draw, samples taken from that draw, samples in all)
 
-    Validation guarantees at least one shard per rank x worker, so no reader is ever empty.
-    """
 
-    def shards(_=None) -> Iterator[dict]:
+@dataclass(frozen=True)
+class StreamSpec:
+    """The logical training streams of one source. Stream ``s`` is a seeded sequence of shard draws (with replacement
+    when ``resampled``, else its own shards ``urls[s::num_streams]`` in a fresh order each epoch); each drawn shard is
+    read in a seeded buffer-shuffled order, reproducible from the shard's start. A stream's position is therefore just
+    (draw, samples taken, samples in all), independent of which rank or worker reads it."""
+
+    urls: tuple[str, ...]
+    num_streams: int
+    seed: int
+    resampled: bool
+    shuffle_buffer: int
+
+    def shard(self, stream: int, draw: int) -> str:
+        if self.resampled:
+            return self.urls[random.Random(f"{self.seed}:{stream}:{draw}").randrange(len(self.urls))]
+        mine = list(self.urls[stream :: self.num_streams])
+        if not mine:
+            raise ValueError(f"stream {stream} has no shard: {len(self.urls)} shards for {self.num_streams} streams")
+        epoch, index = divmod(draw, len(mine))
+        random.Random(f"{self.seed}:{stream}:epoch{epoch}").shuffle(mine)
+        return mine[index]
+
+    def shard_samples(self, stream: int, draw: int, on_error) -> Iterator[dict]:
+        """The drawn shard's samples through a seeded shuffle buffer (bounded memory, same order on every read)."""
+        rng = random.Random(f"{self.seed}:{stream}:{draw}:order")
+        pool: list[dict] = []
+        for sample in wds.tarfile_to_samples(handler=on_error)([{"url": self.shard(stream, draw)}]):
+            pool.append(sample)
+            if len(pool) >= max(1, self.shuffle_buffer):
+                pick = rng.randrange(len(pool))
+                pool[pick], pool[-1] = pool[-1], pool[pick]
+                yield pool.pop()
+        rng.shuffle(pool)
+        yield from pool
+
+    def samples(self, stream: int, start: Position, on_error) -> Iterator[dict]:
+        """Stream ``stream`` from ``start``; each sample carries ``__stream__`` = (stream, position after it)."""
+        draw, offset, total = start
+        empty = 0
+        while True:
+            taken = 0
+            for taken, sample in enumerate(self.shard_samples(stream, draw, on_error), 1):
+                if taken > offset:
+                    total += 1
+                    sample["__stream__"] = (stream, (draw, taken, total))
+                    yield sample
+            empty = empty + 1 if taken == 0 else 0
+            if empty > 2 * len(self.urls):
+                raise RuntimeError(f"stream {stream}: {empty} shard draws in a row held no readable sample")
+            draw, offset = draw + 1, 0
+
+
+def reader_streams(num_streams: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+    """The logical streams one reader (rank x DataLoader worker) owns; validation keeps this non-empty."""
+    readers = world_size * max(1, num_workers)
+    return list(range(rank * max(1, num_workers) + worker, num_streams, readers))
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Batches of ``batch_size`` samples from this reader's logical streams, one sample at a time from the stream that
+    has given the fewest so far (ties: lowest id), a rule the positions alone determine, so a resumed reader picks up
+    the interleaving where it was. Every batch carries ``positions``: where each of this reader's streams stands
+    after it, the data state a checkpoint keeps."""
+
+    def __init__(self, spec: StreamSpec, decoder: SampleDecoder, batch_size: int, rank: int, world_size: int,
+                 start: dict[int, Position] | None = None):
+        self.spec, self.decoder, self.batch_size = spec, decoder, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.start = dict(start or {})
+
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = urls[rank::world_size][worker::num_workers]
-        while True:
-            yield from ({"url": url} for url in mine)
+        streams = reader_streams(self.spec.num_streams, self.rank, self.world_size, worker, num_workers)
+        positions = {s: tuple(self.start.get(s, (0, 0, 0))) for s in streams}
+        readers = {s: self.spec.samples(s, positions[s], self.decoder.on_read_error) for s in streams}
 
-    return shards
+        def interleaved() -> Iterator[dict]:
+            while True:
+                sample = next(readers[min(streams, key=lambda s: (positions[s][2], s))])
+                stream, position = sample["__stream__"]
+                positions[stream] = position
+                yield sample
 
-
-def _worker_seed(rank: int):
-    def seed() -> int:
-        info = torch.utils.data.get_worker_info()
-        return rank * 1000 + (info.id if info is not None else 0)
-
-    return seed
+        for batch in self.decoder.batches(interleaved(), self.batch_size, 0, prompt_only=False):
+            batch.positions = dict(positions)
+            yield batch
 
 
 def train_loader(data: DataConfig, pattern: str, decoder: SampleDecoder, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> torch.utils.data.DataLoader:
-    """An endless, resampled stream of training batches; each rank and worker draws shards with its own seed.
+                 world_size: int = 1, start: dict[int, Position] | None = None) -> torch.utils.data.DataLoader:
+    """An endless stream of training batches from ``data.num_streams`` logical streams shared out over ranks and
+    workers, resumed from ``start`` (stream -> position; missing streams start at the beginning).
 
     The trainer takes exactly ``steps * grad_accum`` batches per stage, so every rank runs the same number of steps
-    whatever the shard count (resampling avoids the uneven split of ``split_by_node``).
+    whatever the shard count.
     """
-    urls = shard_files(data, pattern)
-    if data.resampled:
-        shards = wds.ResampledShards(urls, seed=seed, worker_seed=_worker_seed(rank), deterministic=True)
-    else:
-        shards = _looped_split(urls, rank, world_size)
-    pipeline = wds.DataPipeline(
-        shards,
-        wds.tarfile_to_samples(handler=decoder.on_read_error),
-        wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 500), seed=seed + 7919 * rank),
-        lambda samples: decoder.batches(samples, batch_size, 0, prompt_only=False),
-    )
+    spec = StreamSpec(tuple(shard_files(data, pattern)), data.num_streams, seed, data.resampled, data.shuffle_buffer)
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, num_workers=data.num_workers, persistent_workers=False,
-        prefetch_factor=4 if data.num_workers else None,
+        TrainStream(spec, decoder, batch_size, rank, world_size, start), batch_size=None,
+        num_workers=data.num_workers, persistent_workers=False, prefetch_factor=4 if data.num_workers else None,
     )
 
 

@@ -46,8 +46,8 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_token_id: int):
         super().__init__()
         self.cfg = cfg
-        self.vision = build_vision_tower(cfg.vision)
-        self.lm = build_language_model(cfg.lm, vocab_size, pad_token_id)
+        self.vision = build_vision_tower(cfg.vision, cfg.backbone.vision_path)
+        self.lm = build_language_model(cfg.lm, vocab_size, pad_token_id, cfg.backbone.lm_path)
         lm_hidden = self.lm.config.hidden_size
         vision_hidden = self.vision.config.hidden_size
         self.merge = cfg.vision.merge

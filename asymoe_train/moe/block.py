@@ -164,11 +164,15 @@ class MoEBlock(nn.Module):
                 dispatcher=None, generator: torch.Generator | None = None,
                 skip_pools: tuple[str, ...] = ()) -> MoEBlock:
         """A block whose every expert is a copy of ``mlp`` (sparse upcycling), on the MLP's device and dtype."""
-        weight = mlp.gate_proj.weight
+        weight = next(mlp.parameters())
         block = cls(cfg, hidden_size, intermediate_size, act, dispatcher, skip_pools)
         block = block.to(device=weight.device, dtype=weight.dtype)
         for pool in block.pools.values():
             pool.upcycle_from(mlp, cfg.upcycle_noise_std, generator)
+        if generator is not None and cfg.router_init_std > 0:  # routers drawn from the generator, not global RNG
+            for router in block.routers.values():
+                draw = torch.randn(router.weight_RD.shape, generator=generator, dtype=torch.float32)
+                router.weight_RD.data.copy_(draw * cfg.router_init_std)
         return block
 
     def expert_param_count(self) -> tuple[int, int]:

@@ -10,17 +10,30 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 
+def mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gate [F, D], up [F, D], down [D, F])`` of a dense SwiGLU MLP: separate gate_proj / up_proj (Llama, Qwen2,
+    Mistral) or one fused gate_up_proj whose first F rows are the gate (Phi-3)."""
+    if any(getattr(m, "bias", None) is not None for m in mlp.children()):
+        raise ValueError(f"cannot upcycle {type(mlp).__name__}: its projections have biases; experts have none")
+    if hasattr(mlp, "gate_up_proj"):
+        gate_FD, up_FD = mlp.gate_up_proj.weight.chunk(2, dim=0)
+    else:
+        gate_FD, up_FD = mlp.gate_proj.weight, mlp.up_proj.weight
+    return gate_FD, up_FD, mlp.down_proj.weight
+
+
 @torch.no_grad()
 def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor, mlp: nn.Module,
              noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
-    """Write a dense Llama-style MLP (gate_proj, up_proj, down_proj) into stacked expert weights, optionally with
-    relative noise. A w-times wider expert repeats the hidden units w times and divides the down projection by w,
-    which computes the same function."""
-    width = gate_EFD.shape[1] // mlp.gate_proj.weight.shape[0]
+    """Write a dense SwiGLU MLP (see :func:`mlp_weights`) into stacked expert weights, optionally with relative noise.
+    A w-times wider expert repeats the hidden units w times and divides the down projection by w, which computes the
+    same function."""
+    gate_FD, up_FD, down_DF = mlp_weights(mlp)
+    width = gate_EFD.shape[1] // gate_FD.shape[0]
     for target, source in (
-        (gate_EFD, mlp.gate_proj.weight.repeat(width, 1)),
-        (up_EFD, mlp.up_proj.weight.repeat(width, 1)),
-        (down_EDF, mlp.down_proj.weight.repeat(1, width) / width),
+        (gate_EFD, gate_FD.repeat(width, 1)),
+        (up_EFD, up_FD.repeat(width, 1)),
+        (down_EDF, down_DF.repeat(1, width) / width),
     ):
         if target.shape[1:] != source.shape:
             raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
@@ -60,7 +73,7 @@ class SwiGLUExperts(nn.Module):
         return torch.cat(outputs, dim=0)
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
-        """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert (sparse upcycling)."""
+        """Copy a dense SwiGLU MLP (separate or fused gate/up) into every expert (sparse upcycling)."""
         copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
 
     def params_per_expert(self) -> int:

@@ -157,7 +157,7 @@ class HyperbolicExperts(nn.Module):
 
     @torch.no_grad()
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
-        """Copy a dense Llama-style MLP (gate_proj, up_proj, down_proj) into every expert's space weights (sparse
+        """Copy a dense SwiGLU MLP (separate or fused gate/up) into every expert's space weights (sparse
         upcycling), zero the biases and time columns, and reset the pre-scale to ``init_scale``."""
         copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
         for name, param in self.named_parameters():

@@ -11,10 +11,13 @@ from asymoe_train.config.schema import LoggerConfig
 class MetricsLogger:
     """One W&B run per job, owned by rank 0; other ranks log nothing."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config: dict, rank: int = 0):
+    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config: dict, rank: int = 0,
+                 run_id: str = ""):
+        """``run_id``: the W&B run to continue (a resumed job logs into the run it started)."""
         self.enabled = rank == 0
         self.run = None
         self.jsonl = None
+        self.run_id = run_id
         if not self.enabled:
             return
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
@@ -30,7 +33,10 @@ class MetricsLogger:
             dir=run_dir,
             config=config,
             settings=wandb.Settings(console="off", silent=True),
+            id=run_id or None,
+            resume="allow" if run_id else None,
         )
+        self.run_id = self.run.id
 
     @property
     def wandb_dir(self) -> str | None:

@@ -7,10 +7,12 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from asymoe_train.config.derive import image_tokens_per_image
@@ -25,13 +27,33 @@ from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
-from asymoe_train.training.checkpoint import load_stage_model, save_stage
+from asymoe_train.training.checkpoint import (
+    TrainerState,
+    complete_checkpoints,
+    config_hash,
+    load_checkpoint,
+    load_stage_model,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from asymoe_train.training.groups import set_trainable
 from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
 
 AUX_LOSSES = ("balance", "z", "order", "evd")
 
 log = logging.getLogger(__name__)
+
+
+# What SLURM (SIGTERM, SIGUSR1 with --signal) and submitit (SIGUSR2) send before a time limit or a preemption.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for is written; carries its directory."""
+
+    def __init__(self, checkpoint: str, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}: checkpoint {checkpoint}")
+        self.checkpoint, self.signum = checkpoint, signum
 
 
 def format_count(n: float) -> str:
@@ -79,8 +101,94 @@ class Trainer:
         self.global_step = 0
         self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
         os.makedirs(os.path.join(self.run_dir, "eval"), exist_ok=True)
+        resolved = OmegaConf.structured(cfg)
+        resolved.resume = "none"  # how a run was started is not part of what it is
+        self.config_yaml = OmegaConf.to_yaml(resolved)
+        self.resume_from = self.find_resume()
         self.logger = MetricsLogger(cfg.logger, self.run_dir, f"{cfg.experiment}/{os.path.basename(self.run_dir)}",
-                                    asdict(cfg), rank)
+                                    asdict(cfg), rank, self.resume_from[0].wandb_id if self.resume_from else "")
+        self.positions: dict[int, tuple[int, int, int]] = {}  # this rank's training streams, after the last batch
+        self.stop_signal = 0
+        self.keys_file = None
+        if cfg.data.record_keys:
+            os.makedirs(os.path.join(self.run_dir, "data_keys"), exist_ok=True)
+            self.keys_file = open(os.path.join(self.run_dir, "data_keys", f"rank{rank}.jsonl"), "a", encoding="utf-8")
+
+    # ----------------------------------------------------------------------------------------------------- resume
+    @property
+    def layout(self) -> dict:
+        e = self.cfg.engine
+        return {"world_size": self.world_size, "ep_size": e.ep_size, "zero_stage": e.zero_stage,
+                "precision": e.precision}
+
+    def find_resume(self) -> tuple[TrainerState, str] | None:
+        """The checkpoint ``resume`` names (``auto``: the latest complete one of run_dir), checked against this run."""
+        mode = self.cfg.resume
+        if mode == "none":
+            if self.rank == 0 and complete_checkpoints(self.run_dir):
+                log.warning("%s holds checkpoints; starting over (resume=auto continues from them)", self.run_dir)
+            return None
+        if mode == "auto":
+            found = complete_checkpoints(self.run_dir)
+            if not found:
+                if self.rank == 0:
+                    print(f"resume=auto: no complete checkpoint in {self.run_dir}/checkpoints; starting from scratch")
+                return None
+            state, path = found[-1]
+        else:
+            if not os.path.isfile(os.path.join(mode, "COMPLETE")):
+                raise FileNotFoundError(f"resume={mode}: not a complete checkpoint directory (no COMPLETE marker)")
+            state, path = TrainerState.load(mode), mode
+        names = list(self.cfg.curriculum.stages)
+        if state.stage not in names or names.index(state.stage) != state.stage_index:
+            raise ValueError(f"resume: checkpoint {path} is from stage {state.stage!r} (#{state.stage_index}), which "
+                             f"this config's curriculum.stages {names} does not have at that place")
+        saved = OmegaConf.create(state.config)
+        now = OmegaConf.create(self.config_yaml)
+        for key in ("model", "curriculum"):
+            if saved[key] != now[key]:
+                raise ValueError(f"resume: {key} differs from the checkpoint's ({path}/trainer_state.json holds the "
+                                 f"resolved config); resume with the same {key} or start a new run")
+        if state.config_hash != config_hash(self.config_yaml) and self.rank == 0:
+            changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+            log.warning("resume: config differs from the checkpoint's in %s", changed)
+        before, after = state.layout, self.layout
+        if before.get("zero_stage", 0) > 0 and before != after:
+            raise ValueError(
+                f"resume: {path} was written with layout {before}, this run has {after}; ZeRO-partitioned optimizer "
+                "state only resumes on the same layout. Resume with the checkpoint's world size and engine settings, "
+                "or continue from its weights in a new run"
+            )
+        if self.rank == 0:
+            print(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
+        return state, path
+
+    def request_stop(self, signum, frame) -> None:
+        self.stop_signal = signum
+        if self.rank == 0:
+            print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", flush=True)
+
+    def stop_requested(self) -> int:
+        """The stop signal any rank received (all ranks agree, so all of them save and stop at the same step)."""
+        if self.world_size == 1:
+            return self.stop_signal
+        flag = torch.tensor([self.stop_signal], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def save(self, engine, model, index: int, name: str, step: int, stage_done: bool) -> str:
+        positions = self.positions
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, self.positions)
+            positions = {k: v for part in gathered for k, v in part.items()}
+        state = TrainerState(stage=name, stage_index=index, step=step, global_step=self.global_step,
+                             stage_done=stage_done, data_position=positions, wandb_id=self.logger.run_id,
+                             config=self.config_yaml, config_hash=config_hash(self.config_yaml), layout=self.layout)
+        path = save_checkpoint(engine, model, self.run_dir, state, self.rank, self.world_size)
+        if self.rank == 0:
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        return path
 
     def decoder(self, train: bool = False, seed: int = 0) -> SampleDecoder:
         data = self.cfg.data
@@ -125,15 +233,53 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------ train
     def run(self) -> dict:
-        """All stages in order; returns the evaluation results per stage."""
+        """All stages in order, from the resume checkpoint if any; returns the evaluation results per stage.
+
+        SIGTERM/SIGUSR1/SIGUSR2 make every rank save a checkpoint at the next step boundary and raise :class:`Preempted`
+        (then a handler that was installed before, e.g. submitit's requeue, runs)."""
         self.describe()
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in STOP_SIGNALS}
         results = {}
-        for index, (name, stage) in enumerate(self.cfg.curriculum.stages.items()):
-            results[name] = self.run_stage(index, name, stage)
-        self.logger.close()
+        try:
+            resume = self.resume_from
+            if resume:
+                self.global_step = resume[0].global_step
+            for index, (name, stage) in enumerate(self.cfg.curriculum.stages.items()):
+                if resume and (index < resume[0].stage_index or (index == resume[0].stage_index
+                                                                 and resume[0].stage_done)):
+                    results[name] = self.finished_stage(index, name, stage)
+                    continue
+                here = resume if resume and index == resume[0].stage_index else None
+                results[name] = self.run_stage(index, name, stage, here)
+        except Preempted as stop:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            handler = previous.get(stop.signum)
+            if callable(handler):
+                handler(stop.signum, None)
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.logger.close()
+            if self.keys_file is not None:
+                self.keys_file.close()
         return results
 
-    def run_stage(self, index: int, name: str, stage: StageConfig) -> dict:
+    def finished_stage(self, index: int, name: str, stage: StageConfig) -> dict:
+        """A stage a resumed run has behind it: its eval results, evaluating now if the run stopped before that."""
+        path = os.path.join(self.run_dir, "eval", f"{name}.json")
+        if not stage.eval or self.rank != 0:
+            return {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["splits"]
+        model = load_stage_model(self.cfg.model, self.cfg.curriculum.stages, self.run_dir, name,
+                                 self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+        return self.evaluate(model, name, torch.device("cpu"))
+
+    def run_stage(self, index: int, name: str, stage: StageConfig,
+                  resume: tuple[TrainerState, str] | None = None) -> dict:
         model = self.build_stage_model(index)
         active = {name for name in AUX_LOSSES if getattr(stage.losses, name)}
         for block in model.moe_blocks().values():
@@ -146,27 +292,37 @@ class Trainer:
         )
         counts = set_trainable(model, stage.trainable)
         engine = build_engine(model, self.cfg.engine, stage, stage.steps)
+        first_step, self.positions = 0, {}
+        if resume is not None:
+            state, path = resume
+            load_checkpoint(engine, model, path, self.rank, replicated=state.layout.get("zero_stage", 0) == 0)
+            first_step, self.global_step = state.step, state.global_step
+            self.positions = dict(state.data_position)
         seed = self.cfg.seed * 100 + index
-        decoder = self.decoder(train=True, seed=seed * 100 + self.rank)
+        decoder = self.decoder(train=True, seed=seed)  # per-sample draws are seeded by stream position, not rank
         loader = train_loader(self.cfg.data, self.cfg.data.sources[stage.source], decoder, stage.batch_size,
-                              seed=seed, rank=self.rank, world_size=self.world_size)
+                              seed=seed, rank=self.rank, world_size=self.world_size, start=self.positions)
         stream = iter(loader)
         budget = BadSampleBudget(self.cfg.data.max_bad_fraction)
         load = ExpertLoad()
         if self.rank == 0:
             print(f"== stage {name} ({index + 1}/{len(self.cfg.curriculum.stages)}): source={stage.source} "
                   f"trainable={ {g: format_count(c) for g, c in counts.items()} }")
-        progress = tqdm(total=stage.steps, desc=name, disable=self.rank != 0 or not self.cfg.logger.progress,
-                        mininterval=2.0, dynamic_ncols=True)
+        progress = tqdm(total=stage.steps, initial=first_step, desc=name, mininterval=2.0, dynamic_ncols=True,
+                        disable=self.rank != 0 or not self.cfg.logger.progress)
         window = {"tokens": 0, "samples": 0, "sequences": 0, "data_s": 0.0, "start": time.perf_counter()}
         metrics: dict[str, float] = {}
-        for step in range(stage.steps):
-            for _ in range(stage.grad_accum):
+        every = self.cfg.checkpoint.every_steps
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for step in range(first_step, stage.steps):
+            log_step = (step + 1) % self.cfg.logger.log_every == 0 or step + 1 == stage.steps
+            grad_norm = None
+            for micro in range(stage.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(stream)
                 window["data_s"] += time.perf_counter() - t0
                 budget.add(batch)
-                if step == 0 and self.rank == 0 and not window["sequences"]:
+                if step == first_step and self.rank == 0 and not window["sequences"]:
                     self.print_first_batch(batch, stage)
                 batch.to(engine.device, self.dtype)
                 out = engine(**batch.model_inputs())
@@ -179,7 +335,14 @@ class Trainer:
                     loss = loss + stage.losses.evd * cf
                     metrics["loss/evd_counterfactual"] = float(cf.detach())
                 engine.backward(loss)
+                if log_step and micro + 1 == stage.grad_accum and self.cfg.engine.zero_stage == 0:
+                    # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measures only
                 engine.step()
+                self.positions.update(batch.positions)
+                if self.keys_file is not None:
+                    self.keys_file.write(json.dumps({"stage": name, "step": step, "micro": micro, "keys": batch.keys})
+                                         + "\n")
                 load.add(out.moe)
                 window["tokens"] += int((batch.modality_BT != PAD).sum())
                 window["samples"] += batch.num_samples
@@ -188,10 +351,12 @@ class Trainer:
                 raise FloatingPointError(f"stage {name} step {step}: loss is {metrics['loss/total']}; "
                                          "lower the learning rate or check the data")
             self.global_step += 1
+            if self.keys_file is not None:
+                self.keys_file.flush()
             progress.update(1)
             if step % 5 == 0:
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", refresh=False)
-            if (step + 1) % self.cfg.logger.log_every == 0 or step + 1 == stage.steps:
+            if log_step:
                 elapsed = time.perf_counter() - window["start"]
                 speed = {
                     "perf/tokens_per_s": window["tokens"] / elapsed,
@@ -200,15 +365,25 @@ class Trainer:
                     "perf/data_wait_share": window["data_s"] / elapsed,
                 }
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{speed['perf/tokens_per_s']:.0f}")
-                grad_norm = engine.get_global_grad_norm()
-                self.logger.log({**metrics, **speed, **load.metrics(), "lr": engine.get_lr()[0],
-                                 "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
+                norm = {"grad_norm": float(grad_norm)} if grad_norm is not None else {}
+                self.logger.log({**metrics, **speed, **load.metrics(), **norm, "lr": engine.get_lr()[0],
                                  "stage": index}, self.global_step)
                 window = {"tokens": 0, "samples": 0, "sequences": 0, "data_s": 0.0, "start": time.perf_counter()}
+            stop = self.stop_requested()
+            if step + 1 < stage.steps and (stop or (every and (step + 1) % every == 0)):
+                path = self.save(engine, model, index, name, step + 1, stage_done=False)
+                if stop:
+                    progress.close()
+                    raise Preempted(path, stop)
         progress.close()
         if self.rank == 0:
             print(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}")
-        save_stage(engine, model, self.run_dir, name, self.rank)
+        path = self.save(engine, model, index, name, stage.steps, stage_done=True)
+        stop = self.stop_requested()
+        if stop:
+            raise Preempted(path, stop)
         result = self.evaluate(model, name, engine.device) if stage.eval else {}
         del stream, loader
         return result
