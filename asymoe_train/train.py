@@ -38,9 +38,9 @@ def train(cfg: DictConfig) -> dict:
         results = Trainer(typed, rank, world_size).run()
     except Preempted as stop:
         if rank == 0:
-            print(f"{stop}; continue with: resume=auto hydra.run.dir={typed.run_dir}")
-            print(f"run_dir: {typed.run_dir}")
+            log.info(f"{stop}; continue with: resume=auto hydra.run.dir={typed.run_dir}")
+            log.info(f"run_dir: {typed.run_dir}")
         return {}
     if rank == 0:
-        print(f"run_dir: {typed.run_dir}")
+        log.info(f"run_dir: {typed.run_dir}")
     return results

@@ -67,9 +67,10 @@ def save_stage_weights(model: torch.nn.Module, run_dir: str, stage: str) -> str:
     return path
 
 
-def load_stage_weights(model: torch.nn.Module, run_dir: str, stage: str) -> None:
-    """Load a previous stage's consolidated weights (strict: the structures must match)."""
-    path = os.path.join(stage_dir(run_dir, stage), WEIGHTS)
+def load_stage_weights(model: torch.nn.Module, run_dir: str, stage: str, directory: str | None = None) -> None:
+    """Load a previous stage's consolidated weights (strict: the structures must match), from
+    ``checkpoints/<stage>`` of ``run_dir`` or from ``directory``."""
+    path = os.path.join(directory or stage_dir(run_dir, stage), WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage {stage!r} left no weights at {path}")
     missing, unexpected = load_model(model, path, strict=True)
@@ -85,13 +86,14 @@ def upcycled_after(stages: Mapping[str, StageConfig], stage: str) -> bool:
 
 
 def load_stage_model(model_cfg: ModelConfig, stages: Mapping[str, StageConfig], run_dir: str, stage: str,
-                     vocab_size: int, pad_token_id: int, seed: int = 0) -> VisionLanguageModel:
+                     vocab_size: int, pad_token_id: int, seed: int = 0,
+                     directory: str | None = None) -> VisionLanguageModel:
     """The model exactly as ``stage`` saved it: built from ``model_cfg``, upcycled if that stage or an earlier one
     upcycled, its weights loaded strictly from ``checkpoints/<stage>/model.safetensors``."""
     model = build_model(model_cfg, vocab_size, pad_token_id, seed)
     if upcycled_after(stages, stage):
         model.upcycle()  # structure only: every upcycled tensor is overwritten by the stage's weights
-    load_stage_weights(model, run_dir, stage)
+    load_stage_weights(model, run_dir, stage, directory)
     return model
 
 

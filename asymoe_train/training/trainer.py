@@ -35,6 +35,7 @@ from asymoe_train.training.checkpoint import (
     load_stage_model,
     prune_checkpoints,
     save_checkpoint,
+    upcycled_after,
 )
 from asymoe_train.training.groups import set_trainable
 from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
@@ -132,7 +133,7 @@ class Trainer:
             found = complete_checkpoints(self.run_dir)
             if not found:
                 if self.rank == 0:
-                    print(f"resume=auto: no complete checkpoint in {self.run_dir}/checkpoints; starting from scratch")
+                    log.info(f"resume=auto: no complete checkpoint in {self.run_dir}/checkpoints; starting afresh")
                 return None
             state, path = found[-1]
         else:
@@ -160,7 +161,7 @@ class Trainer:
                 "or continue from its weights in a new run"
             )
         if self.rank == 0:
-            print(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
+            log.info(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
         return state, path
 
     def request_stop(self, signum, frame) -> None:
@@ -197,16 +198,28 @@ class Trainer:
                              data.augment if train else "none")
 
     # ------------------------------------------------------------------------------------------------------ model
-    def build_stage_model(self, index: int) -> VisionLanguageModel:
-        """The model a stage starts from: the previous stage's weights, upcycled if this or an earlier stage says so."""
+    def stage_checkpoint(self, stage: str) -> str:
+        """Where a finished stage's weights are: this run's ``checkpoints/<stage>``, or the checkpoint a run resumed
+        from when that is the stage's end (``resume=<dir>`` may name another run's)."""
+        if self.resume_from and self.resume_from[0].stage == stage and self.resume_from[0].stage_done:
+            return self.resume_from[1]
+        return os.path.join(self.run_dir, "checkpoints", stage)
+
+    def build_stage_model(self, index: int, resuming: bool = False) -> VisionLanguageModel:
+        """The model a stage starts from: the previous stage's weights, upcycled if this or an earlier stage says so.
+        ``resuming`` (mid-stage): the structure only, every weight then comes from the checkpoint."""
         stages = self.cfg.curriculum.stages
         names = list(stages)
-        if index > 0:
-            model = load_stage_model(self.cfg.model, stages, self.run_dir, names[index - 1],
-                                     self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
-        else:
+        if resuming or index == 0:
             model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
-        if stages[names[index]].upcycle:
+            if resuming and upcycled_after(stages, names[index]):
+                model.upcycle()
+                return model
+        else:
+            model = load_stage_model(self.cfg.model, stages, self.run_dir, names[index - 1],
+                                     self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed,
+                                     self.stage_checkpoint(names[index - 1]))
+        if stages[names[index]].upcycle and not resuming:
             model.upcycle(torch.Generator().manual_seed(self.cfg.seed + 1))
         return model
 
@@ -220,13 +233,13 @@ class Trainer:
             model.upcycle()
             total, activated = model.parameter_counts()
         moe = self.cfg.model.moe
-        print(f"model: variant={moe.variant} moe_layers={model.moe_layers} "
+        log.info(f"model: variant={moe.variant} moe_layers={model.moe_layers} "
               f"pools={[(p.name, p.num_experts) for p in moe.pools]} top_k={moe.top_k}")
-        print(f"parameters: dense {format_count(dense_total)} | after upcycling: total {format_count(total)}, "
+        log.info(f"parameters: dense {format_count(dense_total)} | after upcycling: total {format_count(total)}, "
               f"activated per token {format_count(activated)}")
         for name, stage in self.cfg.curriculum.stages.items():
             images = stage.batch_size * stage.grad_accum * self.world_size
-            print(f"stage {name}: {stage.steps} steps, global batch {images} samples (images) "
+            log.info(f"stage {name}: {stage.steps} steps, global batch {images} samples (images) "
                   f"= {stage.batch_size} x grad_accum {stage.grad_accum} x {self.world_size} ranks, "
                   f"{images * self.num_image_tokens} image tokens encoded per step; "
                   f"trainable {stage.trainable}; lr {stage.lr}")
@@ -275,12 +288,13 @@ class Trainer:
             with open(path, encoding="utf-8") as f:
                 return json.load(f)["splits"]
         model = load_stage_model(self.cfg.model, self.cfg.curriculum.stages, self.run_dir, name,
-                                 self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+                                 self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed,
+                                 self.stage_checkpoint(name))
         return self.evaluate(model, name, torch.device("cpu"))
 
     def run_stage(self, index: int, name: str, stage: StageConfig,
                   resume: tuple[TrainerState, str] | None = None) -> dict:
-        model = self.build_stage_model(index)
+        model = self.build_stage_model(index, resuming=resume is not None)
         active = {name for name in AUX_LOSSES if getattr(stage.losses, name)}
         for block in model.moe_blocks().values():
             block.active_losses = active  # zero-weight terms are not computed at all
@@ -306,7 +320,7 @@ class Trainer:
         budget = BadSampleBudget(self.cfg.data.max_bad_fraction)
         load = ExpertLoad()
         if self.rank == 0:
-            print(f"== stage {name} ({index + 1}/{len(self.cfg.curriculum.stages)}): source={stage.source} "
+            log.info(f"== stage {name} ({index + 1}/{len(self.cfg.curriculum.stages)}): source={stage.source} "
                   f"trainable={ {g: format_count(c) for g, c in counts.items()} }")
         progress = tqdm(total=stage.steps, initial=first_step, desc=name, mininterval=2.0, dynamic_ncols=True,
                         disable=self.rank != 0 or not self.cfg.logger.progress)
@@ -379,7 +393,7 @@ class Trainer:
                     raise Preempted(path, stop)
         progress.close()
         if self.rank == 0:
-            print(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}")
+            log.info(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}")
         path = self.save(engine, model, index, name, stage.steps, stage_done=True)
         stop = self.stop_requested()
         if stop:
@@ -393,7 +407,7 @@ class Trainer:
         tokens = int((batch.modality_BT != PAD).sum())
         image_tokens = int((batch.modality_BT == IMAGE).sum())
         scale = stage.grad_accum * self.world_size
-        print(f"first micro-batch: {batch.num_samples} samples -> {seqs} sequences, {tokens} tokens "
+        log.info(f"first micro-batch: {batch.num_samples} samples -> {seqs} sequences, {tokens} tokens "
               f"({image_tokens} image tokens) of length <= {batch.input_ids_BT.shape[1]}; global step ~ "
               f"{seqs * scale} sequences, {tokens * scale} tokens, {image_tokens * scale} image tokens")
 
@@ -421,10 +435,10 @@ class Trainer:
     @staticmethod
     def print_eval(stage: str, results: dict) -> None:
         keys = sorted({k for r in results.values() for k in r["breakdown"]}, key=lambda k: (k != "all", k))
-        print(f"eval after stage {stage} (exact match):")
-        print(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}")
+        log.info(f"eval after stage {stage} (exact match):")
+        log.info(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}")
         for split, r in results.items():
             cells = "".join(
                 f"{r['breakdown'][k]['accuracy']:>12.3f}" if k in r["breakdown"] else f"{'-':>12}" for k in keys
             )
-            print(f"  {split:<12}{cells}{r['num_questions']:>11}")
+            log.info(f"  {split:<12}{cells}{r['num_questions']:>11}")
