@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT := true
 
-.PHONY: help install data train test lint clean
+.PHONY: help install data train test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,14 @@ train: install data ## run the two-stage CPU demo (experiment=demo) end to end; 
 test: install ## run the whole test suite (unit, integration, 2-process distributed on CPU)
 	$(PY) -m pytest tests -q $(ARGS)
 
+bench: install data ## MoE block and demo training-step throughput; appends the tables to docs/benchmarks.md
+	for tokens in 1024 4096 16384; do for hidden in 256 512; do \
+		$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden $$hidden --repeats 7 --out docs/benchmarks.md || exit 1; \
+	done; done
+	$(PY) benchmarks/train_step.py --out docs/benchmarks.md
+
 lint: install ## ruff over the package, recipes and tests
-	$(VENV)/bin/ruff check asymoe_train data_recipes tests
+	$(VENV)/bin/ruff check asymoe_train data_recipes tests benchmarks
 
 clean: ## remove outputs and the demo shards (keeps .venv)
 	rm -rf outputs multirun $(DATA)

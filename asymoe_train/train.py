@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asymoe_train.config import to_typed, validate
 from asymoe_train.config.derive import resolve_schedule
-from asymoe_train.distributed.engine import init_distributed, world
+from asymoe_train.distributed.engine import init_distributed, shared_run_dir, world
 from asymoe_train.models.backbones import sync_backbone_sizes
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def train(cfg: DictConfig) -> dict:
     if rank == 0:
         OmegaConf.save(OmegaConf.structured(typed), os.path.join(typed.run_dir, "config.yaml"))
     init_distributed(typed.engine)
+    typed.run_dir = shared_run_dir(typed.run_dir)  # one run directory per job: rank 0's
     from asymoe_train.training.trainer import Preempted, Trainer
 
     try:

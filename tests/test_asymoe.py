@@ -78,8 +78,7 @@ def test_fresh_evidence_expert_is_its_memory_ffn():
     pool.upcycle_from(mlp)
     x, modality, context = structure()
     prep = pool.prepare(x, TokenContext((B, T), context, modality))
-    rows = torch.arange(B * T)
-    torch.testing.assert_close(pool(x, [B * T], rows, prep), mlp(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pool(x, [B * T], prep.evidence_ETD[0]), mlp(x), atol=1e-6, rtol=1e-6)
     assert pool.alpha_E.item() == pytest.approx(0.5)
 
 

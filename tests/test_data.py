@@ -250,3 +250,18 @@ def test_dihedral_augmentation_covers_the_eight_symmetries_and_never_touches_eva
     assert len(corners) == 4  # the bright corner moved to every corner
     image_t, _ = decoder.decode(sample, prompt_only=True)  # generation prompts (eval) are never augmented
     assert image_t[0, 0, 0] > 0
+
+
+def test_more_images_than_the_model_takes_are_skipped_and_counted(tmp_path, tokenizer):
+    placeholders = {"__key__": "two_placeholders", "png": png(), "json": json.dumps({"conversations": [
+        {"from": "human", "value": "<image>\nq one"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "<image>\nq two"}, {"from": "gpt", "value": "blue"}]}).encode()}
+    files = {"__key__": "two_files", "png": png(), "1.png": png((0, 255, 0)),
+             "json": json.dumps({"conversations": conversation(("q", "red"))}).encode()}
+    good = {"__key__": "good", "png": png(), "json": json.dumps({"conversations": conversation(("q", "red"))}).encode()}
+    encoder = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
+    for split_turns in (False, True):
+        decoder = SampleDecoder(encoder, 32, 96, split_turns)
+        (batch,) = decoder.batches(iter([placeholders, files, good]), 10, 0, prompt_only=False)
+        assert batch.keys == ["good"]
+        assert batch.skipped == {"too_many_images": 2}

@@ -8,6 +8,7 @@ references between groups, files on disk) live in :mod:`asymoe_train.config.vali
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -122,6 +123,9 @@ class MoEConfig:
     upcycle_noise_std: float = 0.0  # relative noise added to upcycled expert weights (0 = exact copies)
     hyperbolic: HyperbolicConfig = field(default_factory=HyperbolicConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    # native: this block with dropless dispatch (local, or all-to-all under expert parallelism) | deepspeed:
+    # DeepSpeed's deepspeed.moe.layer.MoE (vanilla variant only, top_k >= 2, drop_tokens=False), for comparison
+    backend: str = "native"
 
 
 @dataclass(kw_only=True)
@@ -136,14 +140,39 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
+DEFAULT_CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Write a short caption for this image.",
+    "What does this picture show? Answer in one sentence.",
+    "Give a concise description of the photo.",
+    "Summarize the content of the image in a few words.",
+)
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    """webdataset shards and the text format. Shard patterns are globs relative to ``root``."""
+    """webdataset shards and the text format. Shard patterns are globs relative to ``root``.
+
+    ``sources`` (named by ``curriculum.stages.<s>.source``) maps a name to a shard glob, or to a weighted mixture of
+    shard globs::
+
+        sources:
+          pretrain: lcs558k/lcs558k-*.tar            # one glob
+          instruct:                                  # a mixture: component -> {glob, weight}
+            mix665k: {glob: mix665k/mix665k-*.tar, weight: 3.0}
+            captions: {glob: cc3m/*.tar, weight: 1.0}
+
+    Each training stream draws every shard from component c with probability weight_c / sum(weights) (seeded by
+    stream and draw, so resume stays exact); weights are per shard draw, so they are sample shares when the shards
+    hold equal numbers of samples. ``weight`` defaults to 1. Shards are conversation samples (``key.jpg|png`` +
+    ``key.json`` with LLaVA ``conversations``) or img2dataset caption samples (``key.jpg`` + ``key.txt``), which
+    become the conversation ``<image>\n<one of caption_prompts>`` -> caption.
+    """
 
     name: str = "easy_vqa"
     root: str = "data/easy_vqa"
     tokenizer: str = "tokenizer.json"  # relative to root, or absolute
-    sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, named by curriculum stages
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> shard glob or mixture (see above)
     # name -> samples (shard samples, i.e. images or conversations) in that source; needed by stages that set
     # `epochs`, and lets `asymoe-train plan` report steps per epoch
     source_sizes: dict[str, int] = field(default_factory=dict)
@@ -167,6 +196,9 @@ class DataConfig:
     record_keys: bool = False  # append each step's sample keys to <run_dir>/data_keys/rank<r>.jsonl (data audits)
     num_workers: int = 1
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples is unreadable or malformed
+    # Prompts of caption-only samples (img2dataset layout): each caption sample draws one (seeded by its stream
+    # position, so resume replays it); the image placeholder goes in front, `<image>\n<prompt>`.
+    caption_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
 
 
 @dataclass(kw_only=True)
@@ -221,8 +253,9 @@ class EngineConfig:
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
-    ep_size: int = 1  # expert-parallel size
+    ep_size: int = 1  # expert-parallel size: each pool's experts are split over groups of ep_size ranks
     dist_timeout_s: int = 120  # collective timeout, so a mismatch fails fast instead of hanging
+    ep_timeout_s: int = 60  # collective timeout of the expert-parallel groups (token exchange inside each step)
     threads: int = 0  # torch intra-op threads per rank; 0 = leave torch's default
 
 

@@ -103,6 +103,7 @@ def _validate_model(cfg: TrainConfig) -> None:
         moe_layer_indices(moe.layers, lm.num_layers)
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
+    _choice("model.moe.backend", moe.backend, ("native", "deepspeed"))
     if not moe.pools:
         if moe.routers:
             raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
@@ -176,13 +177,34 @@ def _validate_model(cfg: TrainConfig) -> None:
                 f"model.moe.top_k={moe.top_k} exceeds the {num} experts router {name!r} can reach; "
                 f"lower top_k or enlarge its pools"
             )
+    if moe.backend == "deepspeed":
+        vanilla = (len(moe.pools) == 1 and moe.pools[0].expert == "ffn" and moe.pools[0].width == 1
+                   and len(moe.routers) == 1 and set(moe.routers[0].modalities) == set(MODALITIES))
+        if not vanilla:
+            raise ConfigError(
+                f"model.moe.backend=deepspeed: DeepSpeed's MoE layer holds one pool of ffn experts (width 1) behind "
+                f"one router for all tokens, the vanilla variant, not {moe.variant!r}; use model/moe=vanilla or "
+                "model.moe.backend=native"
+            )
+        if moe.top_k < 2:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} with model.moe.backend=deepspeed: DeepSpeed's top-1 gate caps the "
+                "expert capacity by each rank's own token count, so uneven token counts give the ranks different "
+                "all-to-all buffers and crash the job; use top_k >= 2 or model.moe.backend=native"
+            )
 
 
 def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
-    from asymoe_train.data.conversation import TEMPLATES
+    from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, TEMPLATES
+    from asymoe_train.data.sources import source_parts
 
     _choice("data.template", data.template, sorted(TEMPLATES))
+    parts = {name: source_parts(f"data.sources.{name}", value) for name, value in data.sources.items()}
+    for n, prompt in enumerate(data.caption_prompts):
+        if not isinstance(prompt, str) or not prompt.strip() or IMAGE_PLACEHOLDER in prompt:
+            raise ConfigError(f"data.caption_prompts.{n}={prompt!r} must be non-empty text without "
+                              f"{IMAGE_PLACEHOLDER} (the placeholder is put in front of it)")
     _positive("data.max_length", data.max_length)
     _choice("data.augment", data.augment, ("none", "dihedral"))
     if data.num_workers < 0:
@@ -206,17 +228,19 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     hint = "build the demo shards with `make data`, or point data.root at your shards"
     if not os.path.isfile(tokenizer):
         raise ConfigError(f"data.tokenizer: {tokenizer} does not exist; {hint}")
-    for group in ("sources", "eval_sources"):
-        for name, pattern in getattr(data, group).items():
-            shards = shard_files(data, pattern)
-            if not shards:
-                raise ConfigError(f"data.{group}.{name}: no shards match {resolve_data_path(data, pattern)}; {hint}")
-            if group == "sources" and not data.resampled and len(shards) < data.num_streams:
-                raise ConfigError(
-                    f"data.sources.{name}: {len(shards)} shards for data.num_streams={data.num_streams}; with "
-                    "data.resampled=false every stream needs a shard. Set data.resampled=true, lower "
-                    "data.num_streams (>= ranks x workers), or write more, smaller shards"
-                )
+    globs = [(f"data.sources.{name}" + (f".{part.name}.glob" if part.name else ""), part.glob, True)
+             for name, source in parts.items() for part in source]
+    globs += [(f"data.eval_sources.{name}", pattern, False) for name, pattern in data.eval_sources.items()]
+    for key, pattern, train in globs:
+        shards = shard_files(data, pattern)
+        if not shards:
+            raise ConfigError(f"{key}: no shards match {resolve_data_path(data, pattern)}; {hint}")
+        if train and not data.resampled and len(shards) < data.num_streams:
+            raise ConfigError(
+                f"{key}: {len(shards)} shards for data.num_streams={data.num_streams}; with "
+                "data.resampled=false every stream needs a shard (of every mixture component). Set "
+                "data.resampled=true, lower data.num_streams (>= ranks x workers), or write more, smaller shards"
+            )
 
 
 def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
@@ -269,6 +293,12 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
 
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
     engine = cfg.engine
+    if engine.ep_size > 1 and engine.zero_stage == 3:
+        raise ConfigError(
+            f"engine.ep_size={engine.ep_size} with engine.zero_stage=3: DeepSpeed does not partition expert-parallel "
+            "MoE parameters with ZeRO-3; use engine.zero_stage=2 (or 1, 0) with expert parallelism, or "
+            "engine.ep_size=1"
+        )
     if engine.zero_stage not in (0, 1, 2):
         raise ConfigError(
             f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
@@ -283,10 +313,8 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
             f"engine.ep_size={engine.ep_size} does not divide the world size {world_size}; "
             "choose an expert-parallel size that divides the number of ranks"
         )
-    if engine.ep_size > 1:
-        raise ConfigError(
-            f"engine.ep_size={engine.ep_size}: expert parallelism is not available yet; use engine.ep_size=1"
-        )
+    _positive("engine.dist_timeout_s", engine.dist_timeout_s)
+    _positive("engine.ep_timeout_s", engine.ep_timeout_s)
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:

@@ -43,7 +43,15 @@ class Encoded:
 
 
 class MalformedSample(ValueError):
-    """A sample that cannot be encoded; the pipeline skips and counts it."""
+    """A sample that cannot be encoded; the pipeline skips it and counts it under ``reason``."""
+
+    reason = "malformed"
+
+
+class TooManyImages(MalformedSample):
+    """A sample with more images (files or ``<image>`` placeholders) than the model takes."""
+
+    reason = "too_many_images"
 
 
 def turns(conversations: list[dict]) -> list[tuple[str, str]]:

@@ -1,21 +1,33 @@
 """webdataset pipelines: resampled, rank-balanced training streams and ordered evaluation streams.
 
-A shard sample is ``key.png|jpg`` + ``key.json`` with LLaVA ``conversations``. With ``split_turns`` every QA turn
-becomes its own single-turn sequence and the turns of one image share its encoding (the tower runs once per image).
-Unreadable or malformed samples are skipped and counted; the counts travel with each batch so the trainer can report
-them and stop when they exceed ``data.max_bad_fraction``.
+Two shard layouts are read, sample by sample:
+- conversations: ``key.png|jpg|jpeg|webp`` (optional: text-only samples have none) + ``key.json`` holding LLaVA
+  ``conversations`` (what data_recipes/ write);
+- captions, the img2dataset layout: ``key.jpg`` + ``key.txt`` (the caption) + ``key.json`` (metadata without
+  ``conversations``; a ``caption`` field there is used when there is no ``.txt``). A caption sample becomes the
+  one-turn conversation ``<image>\n<prompt>`` -> caption, the prompt drawn from ``data.caption_prompts``.
+
+With ``split_turns`` every QA turn becomes its own single-turn sequence and the turns of one image share its encoding
+(the tower runs once per image); without it a multi-turn conversation is one sequence with every answer supervised.
+The model takes one image per sample: a sample with more image files or more ``<image>`` placeholders is skipped as
+``too_many_images``; an image whose conversation has no placeholder gets one in front of its first question (as
+LLaVA does). Unreadable or malformed samples are skipped and counted by reason; the counts travel with each batch so
+the trainer can report them and stop when they exceed ``data.max_bad_fraction``.
 
 # B sequences, T positions, N images
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from asymoe_train.config.schema import DataConfig
+from asymoe_train.config.schema import DEFAULT_CAPTION_PROMPTS, DataConfig
 from asymoe_train.config.validate import shard_files
 from asymoe_train.data.conversation import (
     IGNORE,
@@ -31,12 +43,15 @@ from asymoe_train.data.conversation import (
     ConversationEncoder,
     Encoded,
     MalformedSample,
+    TooManyImages,
     turns,
 )
+from asymoe_train.data.sources import source_parts
 from asymoe_train.modality import PAD
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+MAX_IMAGES_PER_SAMPLE = 1  # the model encodes one image per sequence
 
 
 @dataclass
@@ -103,7 +118,7 @@ class SampleDecoder:
 
     def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool,
                  turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0,
-                 augment: str = "none"):
+                 augment: str = "none", caption_prompts: SequenceOf[str] | None = None):
         self.encoder = encoder
         self.image_size = image_size
         self.max_length = max_length
@@ -112,6 +127,8 @@ class SampleDecoder:
         self.turn_cap_field = turn_cap_field
         self.seed = seed
         self.augment = augment
+        # None: ``data.caption_prompts`` of the loader that reads through this decoder (see ``use_data_config``)
+        self.caption_prompts = tuple(caption_prompts) if caption_prompts is not None else None
         self._rng: random.Random | None = None
         self.skipped: Counter[str] = Counter()
 
@@ -153,24 +170,52 @@ class SampleDecoder:
         log.warning("skipping unreadable shard data: %s", exn)
         return True
 
+    def use_data_config(self, data: DataConfig) -> None:
+        """Take the caption prompts from ``data`` unless the decoder was given its own."""
+        if self.caption_prompts is None:
+            self.caption_prompts = tuple(data.caption_prompts)
+
+    def conversation(self, sample: dict) -> tuple[dict, list[tuple[str, str]]]:
+        """The sample's record (its json, or {}) and (question, answer) turns: the json's ``conversations``, else
+        the caption (``.txt``, or the json's ``caption``) behind a prompt from ``caption_prompts``."""
+        try:
+            record = json.loads(sample["json"]) if "json" in sample else {}
+            if not isinstance(record, dict):
+                raise TypeError(f"json holds a {type(record).__name__}, not an object")
+            if "conversations" in record:
+                return record, turns(record["conversations"])
+            caption = sample["txt"].decode("utf-8") if "txt" in sample else record.get("caption")
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exn:
+            raise MalformedSample(f"bad json: {exn}") from exn
+        if not isinstance(caption, str) or not caption.strip():
+            raise MalformedSample("no conversations and no caption (.txt or json caption)")
+        prompts = self.caption_prompts if self.caption_prompts is not None else DEFAULT_CAPTION_PROMPTS
+        if not prompts:
+            raise MalformedSample("a caption sample, but data.caption_prompts is empty")
+        return record, [(f"{IMAGE_PLACEHOLDER}\n{self.rng.choice(prompts)}", caption.strip())]
+
     def decode(self, sample: dict, prompt_only: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Image tensor (or None) and the sample's sequences; raises MalformedSample or returns no sequences."""
         self.seed_sample(sample)
-        try:
-            record = json.loads(sample["json"])
-            pairs = turns(record["conversations"])
-        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exn:
-            raise MalformedSample(f"bad json: {exn}") from exn
-        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        record, pairs = self.conversation(sample)
+        image_keys = [key for key in sample if key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs)
+        if len(image_keys) > MAX_IMAGES_PER_SAMPLE or placeholders > MAX_IMAGES_PER_SAMPLE:
+            raise TooManyImages(f"{len(image_keys)} image files and {placeholders} {IMAGE_PLACEHOLDER} placeholders; "
+                                f"the model takes {MAX_IMAGES_PER_SAMPLE}")
+        if any(IMAGE_PLACEHOLDER in a for _, a in pairs):
+            raise MalformedSample(f"an answer holds {IMAGE_PLACEHOLDER}")
         image = None
-        if image_key is not None:
+        if image_keys:
             try:
-                image = load_image(sample[image_key], self.image_size)
+                image = load_image(sample[image_keys[0]], self.image_size)
                 if self.augment == "dihedral" and not prompt_only:
                     image = dihedral(image, self.rng.randrange(8))
             except Exception as exn:  # PIL raises many types for corrupt files
                 raise MalformedSample(f"unreadable image: {exn}") from exn
-        elif any(IMAGE_PLACEHOLDER in q for q, _ in pairs):
+            if not placeholders:  # the image goes before the first question, as LLaVA places it
+                pairs[0] = (f"{IMAGE_PLACEHOLDER}\n{pairs[0][0]}", pairs[0][1])
+        elif placeholders:
             raise MalformedSample("conversation has <image> but the sample has no image file")
         metas = _turn_meta(record, len(pairs))
         if self.split_turns or prompt_only:
@@ -200,7 +245,7 @@ class SampleDecoder:
             try:
                 image, seqs = self.decode(sample, prompt_only)
             except MalformedSample as exn:
-                self.skipped["malformed"] += 1
+                self.skipped[exn.reason] += 1
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exn)
                 continue
             if max_sequences:
@@ -280,22 +325,54 @@ class StreamSpec:
     """The logical training streams of one source. Stream ``s`` is a seeded sequence of shard draws (with replacement
     when ``resampled``, else its own shards ``urls[s::num_streams]`` in a fresh order each epoch); each drawn shard is
     read in a seeded buffer-shuffled order, reproducible from the shard's start. A stream's position is therefore just
-    (draw, samples taken, samples in all), independent of which rank or worker reads it."""
+    (draw, samples taken, samples in all), independent of which rank or worker reads it.
 
-    urls: tuple[str, ...]
+    A ``mixture`` source first picks a component for each draw, with probability proportional to its weight, seeded by
+    (stream, draw) alone, then a shard of that component as above (without replacement: the stream's own shards of
+    the component, one component epoch after another). Positions keep their meaning, so resume stays exact."""
+
+    urls: tuple[str, ...]  # every shard of the source (all components of a mixture)
     num_streams: int
     seed: int
     resampled: bool
     shuffle_buffer: int
+    mixture: tuple[tuple[tuple[str, ...], float], ...] = ()  # (shards, weight) per component; () = just ``urls``
+    # stream -> (draws counted, draws per component before it): the non-resampled mixture's walk, memoised
+    _tally: dict[int, tuple[int, list[int]]] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def component(self, stream: int, draw: int) -> int:
+        """The mixture component a draw reads (0 without a mixture)."""
+        if not self.mixture:
+            return 0
+        bounds = list(itertools.accumulate(weight for _, weight in self.mixture))
+        point = random.Random(f"{self.seed}:{stream}:{draw}:mixture").random() * bounds[-1]
+        return min(bisect.bisect_right(bounds, point), len(bounds) - 1)
+
+    def _draws_before(self, stream: int, draw: int) -> list[int]:
+        """How many of the stream's draws before ``draw`` read each component."""
+        counted, counts = self._tally.get(stream, (0, [0] * len(self.mixture)))
+        if counted > draw:
+            counted, counts = 0, [0] * len(self.mixture)
+        counts = list(counts)
+        for earlier in range(counted, draw):
+            counts[self.component(stream, earlier)] += 1
+        self._tally[stream] = (draw, counts)
+        return counts
 
     def shard(self, stream: int, draw: int) -> str:
+        part = self.component(stream, draw)
+        urls = self.mixture[part][0] if self.mixture else self.urls
         if self.resampled:
-            return self.urls[random.Random(f"{self.seed}:{stream}:{draw}").randrange(len(self.urls))]
-        mine = list(self.urls[stream :: self.num_streams])
+            return urls[random.Random(f"{self.seed}:{stream}:{draw}").randrange(len(urls))]
+        mine = list(urls[stream :: self.num_streams])
         if not mine:
-            raise ValueError(f"stream {stream} has no shard: {len(self.urls)} shards for {self.num_streams} streams")
-        epoch, index = divmod(draw, len(mine))
-        random.Random(f"{self.seed}:{stream}:epoch{epoch}").shuffle(mine)
+            raise ValueError(f"stream {stream} has no shard: {len(urls)} shards for {self.num_streams} streams")
+        if self.mixture:
+            epoch, index = divmod(self._draws_before(stream, draw)[part], len(mine))
+            random.Random(f"{self.seed}:{stream}:part{part}:epoch{epoch}").shuffle(mine)
+        else:
+            epoch, index = divmod(draw, len(mine))
+            random.Random(f"{self.seed}:{stream}:epoch{epoch}").shuffle(mine)
         return mine[index]
 
     def shard_samples(self, stream: int, draw: int, on_error) -> Iterator[dict]:
@@ -365,15 +442,29 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield batch
 
 
-def train_loader(data: DataConfig, pattern: str, decoder: SampleDecoder, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start: dict[int, Position] | None = None) -> torch.utils.data.DataLoader:
+def stream_spec(data: DataConfig, source: str | Mapping, seed: int) -> StreamSpec:
+    """The logical streams of a ``data.sources`` value: a shard glob or a weighted mixture of globs."""
+    parts = [(tuple(shard_files(data, part.glob)), part.weight) for part in source_parts("data.sources.<source>", source)]
+    urls = tuple(url for shards, _ in parts for url in shards)
+    mixture = tuple(parts) if len(parts) > 1 else ()
+    for shards, _ in parts:
+        if not shards:
+            raise ValueError(f"a part of source {source!r} matches no shards under data.root={data.root!r}")
+    return StreamSpec(urls, data.num_streams, seed, data.resampled, data.shuffle_buffer, mixture)
+
+
+def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start: dict[int, Position] | None = None
+                 ) -> torch.utils.data.DataLoader:
     """An endless stream of training batches from ``data.num_streams`` logical streams shared out over ranks and
-    workers, resumed from ``start`` (stream -> position; missing streams start at the beginning).
+    workers, resumed from ``start`` (stream -> position; missing streams start at the beginning). ``source`` is a
+    ``data.sources`` value: a shard glob, or a mixture ``{component: {glob, weight}}``.
 
     The trainer takes exactly ``steps * grad_accum`` batches per stage, so every rank runs the same number of steps
     whatever the shard count.
     """
-    spec = StreamSpec(tuple(shard_files(data, pattern)), data.num_streams, seed, data.resampled, data.shuffle_buffer)
+    spec = stream_spec(data, source, seed)
+    decoder.use_data_config(data)
     return torch.utils.data.DataLoader(
         TrainStream(spec, decoder, batch_size, rank, world_size, start), batch_size=None,
         num_workers=data.num_workers, persistent_workers=False, prefetch_factor=4 if data.num_workers else None,
@@ -383,6 +474,7 @@ def train_loader(data: DataConfig, pattern: str, decoder: SampleDecoder, batch_s
 def eval_batches(data: DataConfig, pattern: str, decoder: SampleDecoder, questions_per_batch: int,
                  max_questions: int = 0) -> Iterator[Batch]:
     """Ordered generation prompts over all shards (first ``max_questions`` questions when set)."""
+    decoder.use_data_config(data)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shard_files(data, pattern)),
         wds.tarfile_to_samples(handler=decoder.on_read_error),

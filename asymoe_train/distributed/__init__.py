@@ -1,2 +1,2 @@
-"""Process groups, the DeepSpeed engine and (later) expert-parallel dispatch. The one place that maps modules to
-parallelism."""
+"""Process groups, the DeepSpeed engine, expert parallelism (groups, all-to-all dispatch, expert consolidation) and
+the DeepSpeed MoE backend. The one place that maps modules to parallelism."""

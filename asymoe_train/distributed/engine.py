@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import shutil
 import socket
+from collections.abc import Iterator
 
 import torch
 
 from asymoe_train.config.schema import EngineConfig, StageConfig
+from asymoe_train.distributed.expert_parallel import ExpertParallel, mark_expert_parameters
 
 
 def _free_port() -> int:
@@ -39,10 +43,34 @@ def init_distributed(cfg: EngineConfig) -> None:
     # The shared-memory comm op JIT-compiles for ~45 s on first use and is not needed for training.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-    # Groups created later (e.g. expert-parallel ones) take torch's default timeout, not init's: lower it too.
-    torch.distributed.distributed_c10d.default_pg_timeout = timeout
+    # Groups created later take torch's default timeout, not init's: lower it too (the expert-parallel groups get
+    # engine.ep_timeout_s, see asymoe_train.distributed.expert_parallel).
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, datetime.timedelta):  # None in builds without NCCL
+        c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+
+
+# What Hydra writes into a job's output directory before the application runs.
+HYDRA_FILES = {".hydra", "train.log"}
+
+
+def shared_run_dir(run_dir: str) -> str:
+    """Rank 0's run directory, for every rank: one per job. Each rank composes its own config, so without an
+    explicit ``hydra.run.dir`` (the launch scripts pass one) the default, timestamped directory can differ between
+    ranks; a rank's own directory is then removed if Hydra's files are all it holds."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return run_dir
+    shared = [run_dir]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    mine = os.path.abspath(run_dir)
+    if os.path.abspath(shared[0]) != mine:
+        if os.path.isdir(mine) and set(os.listdir(mine)) <= HYDRA_FILES:
+            shutil.rmtree(mine, ignore_errors=True)
+        os.makedirs(shared[0], exist_ok=True)
+    return shared[0]
 
 
 def deepspeed_config(engine: EngineConfig, stage: StageConfig) -> dict:
@@ -59,18 +87,55 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig) -> dict:
     }
 
 
-def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfig, total_steps: int):
-    """DeepSpeed engine over the model's trainable parameters with AdamW and cosine-with-warm-up."""
-    import deepspeed
+@contextlib.contextmanager
+def _experts_count_as_deepspeed_moe(block_type: type) -> Iterator[None]:
+    """While an engine is built, let DeepSpeed take our MoE blocks for its own MoE layers.
 
+    DeepSpeed switches its expert-parallel handling on only when it finds a ``deepspeed.moe.layer.MoE`` module in
+    the model (``engine.has_moe_layers``): then ZeRO-0 reduces MoE parameters over the expert-data-parallel group
+    (not the whole data-parallel group, which would average different experts of different ranks) and ZeRO-1/2 give
+    the MoE parameter groups their own partitions. Our blocks hold the same kind of tagged parameters
+    (:func:`mark_expert_parameters`) but are not that class.
+    """
+    import deepspeed.runtime.engine as ds_engine
+
+    original = ds_engine.MoE
+    ds_engine.MoE = (original, block_type)  # isinstance() takes a tuple
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original
+
+
+def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfig, total_steps: int,
+                 expert_parallel: ExpertParallel | None = None):
+    """DeepSpeed engine over the model's trainable parameters with AdamW and cosine-with-warm-up.
+
+    With expert parallelism, the model's expert parameters are tagged as DeepSpeed MoE parameters (also frozen ones:
+    DeepSpeed broadcasts them over their expert-data-parallel group only) and trainable ones go to their own
+    optimizer groups (``split_params_into_different_moe_groups_for_optimizer``), so their gradients are reduced over
+    the expert-data-parallel group."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from asymoe_train.moe.block import MoEBlock
     from asymoe_train.training.schedule import cosine_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(engine.adam_betas), eps=engine.adam_eps,
+    param_groups: list = params
+    treat_as_moe = contextlib.nullcontext()
+    if expert_parallel is not None:
+        experts = list(model.expert_parameters().values())
+        mark_expert_parameters(experts, expert_parallel)
+        if any(p.requires_grad for p in experts):
+            param_groups = split_params_into_different_moe_groups_for_optimizer([{"name": "params", "params": params}])
+            treat_as_moe = _experts_count_as_deepspeed_moe(MoEBlock)
+    optimizer = torch.optim.AdamW(param_groups, lr=stage.lr, betas=tuple(engine.adam_betas), eps=engine.adam_eps,
                                   weight_decay=stage.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, stage.warmup_steps, stage.min_lr_ratio)
-    ds_engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(engine, stage),
-        dist_init_required=False,
-    )
+    with treat_as_moe:
+        ds_engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(engine, stage),
+            dist_init_required=False,
+        )
     return ds_engine

@@ -53,7 +53,11 @@ class VisionLanguageModel(nn.Module):
         self.merge = cfg.vision.merge
         self.projector = Projector(vision_hidden * self.merge**2, cfg.projector.hidden_size or lm_hidden, lm_hidden)
         self.moe_layers = moe_layer_indices(cfg.moe.layers, self.lm.config.num_hidden_layers)
-        self.dispatcher = None  # None = local dispatch; the distributed layer injects another
+        # Injected by the distributed layer before upcycling (models import neither torch.distributed nor
+        # deepspeed): the token dispatcher (None = local; an all-to-all one splits every pool's experts over the
+        # expert-parallel ranks) and the block class (a subclass of MoEBlock, e.g. the DeepSpeed-backed one).
+        self.dispatcher = None
+        self.block_type: type[MoEBlock] = MoEBlock
 
     # ----------------------------------------------------------------------------------------------------- structure
     @property
@@ -75,10 +79,11 @@ class VisionLanguageModel(nn.Module):
         evidence_pools = tuple(p.name for p in self.cfg.moe.pools if p.expert == "evidence")
         ep_layers = evidence_layer_indices(self.cfg.moe.evidence.layers, self.moe_layers)
         for i in self.moe_layers:
-            self.layers[i].mlp = MoEBlock.upcycle(
+            self.layers[i].mlp = self.block_type.upcycle(
                 self.layers[i].mlp, self.cfg.moe, lm_cfg.hidden_size, lm_cfg.intermediate_size, lm_cfg.hidden_act,
                 self.dispatcher, generator, skip_pools=() if i in ep_layers else evidence_pools,
             )
+            self.layers[i].mlp.name = f"lm.model.layers.{i}.mlp"
 
     @property
     def has_evidence_experts(self) -> bool:
@@ -86,6 +91,12 @@ class VisionLanguageModel(nn.Module):
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
         return {i: self.layers[i].mlp for i in self.moe_layers if isinstance(self.layers[i].mlp, MoEBlock)}
+
+    def expert_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters split over expert-parallel ranks, by their names in the model: dim 0 indexes the experts this
+        process holds (all of them without expert parallelism)."""
+        return {f"lm.model.layers.{i}.mlp.{name}": p for i, block in self.moe_blocks().items()
+                for name, p in block.expert_parameters()}
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total parameters, parameters activated per token): experts count top_k times, not all."""
@@ -117,7 +128,12 @@ class VisionLanguageModel(nn.Module):
         if pixel_values_NCHW.shape[0] == 0:
             if image_mask_BT.any():
                 raise ValueError("batch has image positions but no pixel values")
-            return embeds_BTD
+            # No image: the tower still runs, on one blank image weighted 0, so every rank runs the same graph and
+            # every parameter gets a gradient (ZeRO-2 reduces gradients as they arrive: a rank without them would
+            # mismatch the others' collectives).
+            size = self.cfg.vision.image_size
+            blank_NID = self.encode_images(embeds_BTD.new_zeros(1, 3, size, size))
+            return embeds_BTD + 0.0 * blank_NID.sum().to(embeds_BTD.dtype)
         images_NID = self.encode_images(pixel_values_NCHW.to(embeds_BTD.dtype))
         has_image_B = image_index_B >= 0
         per_seq = images_NID[image_index_B[has_image_B]].reshape(-1, embeds_BTD.shape[-1])

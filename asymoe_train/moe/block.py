@@ -3,7 +3,12 @@
 Variants (vanilla, modality, moiie, asymoe, ...) are settings of this block, never subclasses. Each router serves the
 tokens of its modalities and chooses top-k among the experts of the pools it reaches; all assignments go through one
 dispatcher. Pools that need per-token context (evidence experts) prepare dense results before routing; their evidence
-score biases the logits of routers that reach them.
+score biases the logits of routers that reach them, and each assignment to one of their experts carries its evidence
+row through dispatch.
+
+Expert parallelism: the injected dispatcher says which expert-parallel rank this is (``ep_rank`` of ``ep_size``);
+every pool then holds its share of experts, and assignments go to dispatch slots (rank-major, see
+``asymoe_train.moe.dispatch``). Routers, reach-tables and losses always see the global experts.
 
 # T tokens (flattened batch), D model dim, N tokens of one router, R experts it reaches, K top-k, E experts in block
 """
@@ -19,7 +24,7 @@ from asymoe_train.config.schema import MoEConfig
 from asymoe_train.modality import CODES
 from asymoe_train.moe.dispatch import LocalDispatcher
 from asymoe_train.moe.evidence import TokenContext
-from asymoe_train.moe.experts import build_pool
+from asymoe_train.moe.experts import Shard, build_pool
 from asymoe_train.moe.order import order_loss
 from asymoe_train.moe.router import TopKRouter, balance_loss, z_loss
 
@@ -44,24 +49,36 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.top_k = cfg.top_k
+        self.name = "moe"  # where this block sits (the model names it); dispatch errors report it
         self.dispatcher = dispatcher or LocalDispatcher()
+        self.ep_size = self.dispatcher.ep_size
+        shard = Shard(self.dispatcher.ep_rank, self.ep_size)
         self.pools = nn.ModuleDict()
-        self.pool_offsets: dict[str, int] = {}
+        self.pool_offsets: dict[str, int] = {}  # global index of each pool's first expert
         offset = 0
         for pool in cfg.pools:
             if pool.name in skip_pools:
                 continue
-            self.pools[pool.name] = build_pool(pool, cfg, hidden_size, intermediate_size, act)
+            self.pools[pool.name] = build_pool(pool, cfg, hidden_size, intermediate_size, act, shard)
             self.pool_offsets[pool.name] = offset
             offset += pool.num_experts
-        self.num_experts = offset
+        self.num_experts = offset  # global
+        # Dispatch slot of each global expert: rank-major, then pool by pool (identity without expert parallelism).
+        held = sum(p.num_experts for p in self.pools.values())
+        slot_E, first_local = [0] * self.num_experts, 0
+        for name, pool in self.pools.items():
+            for j in range(pool.num_global_experts):
+                owner, i = divmod(j, pool.num_experts)
+                slot_E[self.pool_offsets[name] + j] = owner * held + first_local + i
+            first_local += pool.num_experts
+        self.register_buffer("slot_E", torch.tensor(slot_E, dtype=torch.long), persistent=False)
         self.routers = nn.ModuleDict()
         self.router_modalities: dict[str, list[int]] = {}
         self.router_context_pools: dict[str, list[tuple[str, int, int]]] = {}  # (pool, first col, num experts)
         for router in cfg.routers:
             pools = [p for p in router.pools if p in self.pools]
             # Global expert index of each router-local expert: the reach-table row as a lookup.
-            reach = [self.pool_offsets[p] + i for p in pools for i in range(self.pools[p].num_experts)]
+            reach = [self.pool_offsets[p] + i for p in pools for i in range(self.pools[p].num_global_experts)]
             self.routers[router.name] = TopKRouter(hidden_size, len(reach), cfg.top_k, cfg.router_init_std)
             self.register_buffer(f"reach_{router.name}", torch.tensor(reach, dtype=torch.long), persistent=False)
             self.router_modalities[router.name] = [CODES[m] for m in router.modalities]
@@ -71,8 +88,8 @@ class MoEBlock(nn.Module):
             cols, col = [], 0
             for p in pools:
                 if getattr(self.pools[p], "needs_context", False):
-                    cols.append((p, col, self.pools[p].num_experts))
-                col += self.pools[p].num_experts
+                    cols.append((p, col, self.pools[p].num_global_experts))
+                col += self.pools[p].num_global_experts
             self.router_context_pools[router.name] = cols
         self.active_losses: set[str] = {"balance", "z", "evd", "order"}  # the trainer drops zero-weight terms
 
@@ -80,20 +97,35 @@ class MoEBlock(nn.Module):
         """Global expert indices a router can reach, in router-local order."""
         return getattr(self, f"reach_{router}")
 
-    def run_experts(self, x_AD: torch.Tensor, counts_E: list[int], token_A: torch.Tensor, preps: dict) -> torch.Tensor:
-        """Run every pool on its contiguous slice of expert-sorted tokens."""
+    def run_experts(self, x_AD: torch.Tensor, counts_E: list[int], extra_AD: torch.Tensor | None) -> torch.Tensor:
+        """Run every pool on its contiguous slice of rows sorted by the experts held here (``counts_E``, pool by
+        pool); evidence pools also get each row's evidence output (``extra_AD``)."""
         outputs = []
-        start = 0
-        for name, pool in self.pools.items():
-            offset = self.pool_offsets[name]
-            counts = counts_E[offset : offset + pool.num_experts]
+        start, first = 0, 0
+        for pool in self.pools.values():
+            counts = counts_E[first : first + pool.num_experts]
+            first += pool.num_experts
             rows = slice(start, start + sum(counts))
-            if name in preps:
-                outputs.append(pool(x_AD[rows], counts, token_A[rows], preps[name]))
+            if getattr(pool, "needs_context", False):
+                outputs.append(pool(x_AD[rows], counts, extra_AD[rows]))
             else:
                 outputs.append(pool(x_AD[rows], counts))
             start = rows.stop
         return torch.cat(outputs, dim=0)
+
+    def evidence_rows(self, x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor,
+                      preps: dict) -> torch.Tensor | None:
+        """Per assignment, the evidence output of its (global) expert for its token; zero rows for experts of
+        other pools. None when no pool needs context."""
+        if not preps:
+            return None
+        extra_AD = x_TD.new_zeros(expert_A.shape[0], x_TD.shape[-1])
+        for name, prep in preps.items():
+            first = self.pool_offsets[name]
+            hit_H = ((expert_A >= first) & (expert_A < first + self.pools[name].num_global_experts)).nonzero()[:, 0]
+            rows_HD = prep.evidence_ETD[expert_A[hit_H] - first, token_A[hit_H]]
+            extra_AD = extra_AD.index_put((hit_H,), rows_HD.to(extra_AD.dtype))
+        return extra_AD
 
     def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: TokenContext | None = None) -> MoEOutput:
         preps = {}
@@ -139,10 +171,11 @@ class MoEBlock(nn.Module):
                 served = max(int(token_N.numel()), 1)
                 out.stats[f"{name}/{pool}_share"] = float(counts_R[col : col + num].sum()) / (served * self.top_k)
                 out.stats[f"{name}/s_evd_mean"] = float(score_N.detach().float().sum()) / served
-        out.hidden_TD = self.dispatcher(
-            x_TD, torch.cat(tokens), torch.cat(experts), torch.cat(weights), self.num_experts,
-            lambda x_AD, counts, token_A: self.run_experts(x_AD, counts, token_A, preps),
-        )
+        token_A, expert_A = torch.cat(tokens), torch.cat(experts)
+        extra_AD = self.evidence_rows(x_TD, token_A, expert_A, preps)
+        slot_A = self.slot_E[expert_A] if self.ep_size > 1 else expert_A
+        out.hidden_TD = self.dispatcher(x_TD, token_A, slot_A, torch.cat(weights), self.num_experts,
+                                        self.run_experts, extra_AD, where=self.name)
         has_context = any(self.router_context_pools.values())
         computed = {"balance": balance, "z": zl, "evd": evd if has_context and self.cfg.evidence.loss_kind == "routing" else None}
         out.losses = {k: v for k, v in computed.items() if k in self.active_losses and v is not None}
@@ -175,8 +208,12 @@ class MoEBlock(nn.Module):
                 router.weight_RD.data.copy_(draw * cfg.router_init_std)
         return block
 
+    def expert_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters split over expert-parallel ranks (dim 0 = the experts held here), named as in the block."""
+        return [(f"pools.{name}.{n}", p) for name, pool in self.pools.items() for n, p in pool.expert_parameters()]
+
     def expert_param_count(self) -> tuple[int, int]:
-        """(parameters of all experts, parameters of the largest single expert)."""
+        """(parameters of all experts held here, parameters of the largest single expert)."""
         total = sum(p.numel() for p in self.pools.parameters())
         largest = max(pool.params_per_expert() for pool in self.pools.values())
         return total, largest

@@ -7,7 +7,10 @@ FFN. Every evidence head also sees a learned null key with a zero value (an atte
 attention mass that lands on real context tokens instead of the sink is the token's evidence score s_evd in [0, 1].
 
 The evidence branch is computed densely for all tokens before dispatch (``prepare``), so routing can add beta * s_evd
-to the EP logits; the dispatched rows then gather their precomputed evidence outputs.
+to the EP logits; each dispatched row then carries its precomputed evidence output to its expert. Under expert
+parallelism only the memory branches are split over ranks: s_evd averages the attention of every expert and must be
+known where the token is routed, so the evidence branches (and the gates) stay whole on every rank, and a token's
+evidence row travels with it to the rank that holds its expert.
 
 # B sequences, T positions, D model dim, F FFN dim, E experts, H heads, C head dim, N dispatched rows
 """
@@ -15,12 +18,13 @@ to the EP logits; the dispatched rows then gather their precomputed evidence out
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from asymoe_train.moe.experts import SwiGLUExperts
+from asymoe_train.moe.experts import WHOLE, Shard, SwiGLUExperts
 
 
 @dataclass
@@ -41,18 +45,20 @@ class EvidencePrep:
 
 
 class EvidenceExperts(nn.Module):
-    """E evidence-priority experts; same pool interface as :class:`SwiGLUExperts` plus ``prepare``."""
+    """E evidence-priority experts; same pool interface as :class:`SwiGLUExperts` plus ``prepare``, and the pool's
+    forward takes each row's evidence output (from ``prepare``) with it. ``shard`` splits the memory branches."""
 
     needs_context = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
-                 num_heads: int = 4, alpha_init: float = 0.5):
+                 num_heads: int = 4, alpha_init: float = 0.5, shard: Shard = WHOLE):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"evidence experts: hidden size {hidden_size} is not divisible by {num_heads} heads")
-        self.num_experts = num_experts
         self.num_heads = num_heads
-        self.memory = SwiGLUExperts(num_experts, hidden_size, intermediate_size, act)
+        self.memory = SwiGLUExperts(num_experts, hidden_size, intermediate_size, act, shard)
+        self.num_global_experts, self.first_expert = num_experts, self.memory.first_expert
+        self.num_experts = self.memory.num_experts
         # q, k, v projections of every expert stacked: [E, 3, H*C, D]
         self.qkv_E3XD = nn.Parameter(torch.empty(num_experts, 3, hidden_size, hidden_size))
         nn.init.normal_(self.qkv_E3XD, std=hidden_size**-0.5)
@@ -67,7 +73,7 @@ class EvidenceExperts(nn.Module):
         return torch.sigmoid(self.gate_logit_E)
 
     def prepare(self, x_TD: torch.Tensor, ctx: TokenContext) -> EvidencePrep:
-        """Evidence attention for every token and expert, and the evidence score s_evd."""
+        """Evidence attention for every token and every expert of the pool, and the evidence score s_evd."""
         b, t = ctx.batch_shape
         d = x_TD.shape[-1]
         h, c = self.num_heads, d // self.num_heads
@@ -76,7 +82,7 @@ class EvidenceExperts(nn.Module):
         before_TT = torch.ones(t, t, dtype=torch.bool, device=x_TD.device).tril(-1)
         allowed_B1TT = (before_TT.unsqueeze(0) & ctx.context_BT.unsqueeze(1)).unsqueeze(1)
         outputs, scores = [], []
-        for e in range(self.num_experts):
+        for e in range(self.num_global_experts):
             q, k, v = (nn.functional.linear(x_BTD, w).reshape(b, t, h, c).transpose(1, 2) for w in self.qkv_E3XD[e])
             logits_BHTT = (q @ k.transpose(-1, -2)).float() * c**-0.5
             logits_BHTT = logits_BHTT.masked_fill(~allowed_B1TT, float("-inf"))
@@ -90,14 +96,17 @@ class EvidenceExperts(nn.Module):
         return EvidencePrep(torch.stack(outputs), torch.stack(scores).mean(0))
 
     def expert(self, e: int, x_ND: torch.Tensor, evidence_ND: torch.Tensor) -> torch.Tensor:
-        return self.memory.expert(e, x_ND) + self.alpha_E[e].to(x_ND.dtype) * evidence_ND
+        """Expert ``e`` (of those held here) on its tokens and their evidence outputs."""
+        return self.memory.expert(e, x_ND) + self.alpha_E[self.first_expert + e].to(x_ND.dtype) * evidence_ND
 
-    def forward(self, x_ND: torch.Tensor, counts: list[int], token_N: torch.Tensor, prep: EvidencePrep) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts: list[int], evidence_ND: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts[e]`` of them for expert e, each with its evidence output
+        ``prep.evidence_ETD[expert, token]``; returns outputs in the same order."""
         outputs = []
         start = 0
         for e, count in enumerate(counts):
             rows = slice(start, start + count)
-            outputs.append(self.expert(e, x_ND[rows], prep.evidence_ETD[e][token_N[rows]]))
+            outputs.append(self.expert(e, x_ND[rows], evidence_ND[rows]))
             start += count
         return torch.cat(outputs, dim=0)
 
@@ -105,5 +114,10 @@ class EvidenceExperts(nn.Module):
         """The memory branch copies the dense MLP; the evidence branch keeps its zero output projection."""
         self.memory.upcycle_from(mlp, noise_std, generator)
 
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters split over expert-parallel ranks (dim 0 = the experts held here): the memory branches."""
+        return self.memory.named_parameters(prefix="memory")
+
     def params_per_expert(self) -> int:
-        return sum(p.numel() for p in self.parameters()) // self.num_experts
+        whole = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("memory."))
+        return self.memory.params_per_expert() + whole // self.num_global_experts

@@ -1,9 +1,17 @@
 """Expert pools. A pool runs each of its experts on a contiguous slice of expert-sorted tokens.
 
-# N tokens in a slice, D model dim, F expert hidden dim, E experts in the pool
+Under expert parallelism a pool holds a :class:`Shard` of its experts: the ``rank``-th of ``size`` equal, contiguous
+parts. Its per-expert matrices (``expert_parameters``, stacked along dim 0) then hold only those experts; small
+per-expert scalars stay whole on every rank. ``num_experts`` is what this process holds, ``num_global_experts`` the
+pool's size, ``first_expert`` the global index of the first expert held here.
+
+# N tokens in a slice, D model dim, F expert hidden dim, E experts in the pool (held here)
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,12 +30,32 @@ def mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return gate_FD, up_FD, mlp.down_proj.weight
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which experts of every pool this process holds: the ``rank``-th of ``size`` equal contiguous parts."""
+
+    rank: int = 0
+    size: int = 1
+
+    def local(self, num_experts: int) -> tuple[int, int]:
+        """(global index of the first expert held here, experts held here) of a pool of ``num_experts``."""
+        if num_experts % self.size:
+            raise ValueError(f"{num_experts} experts cannot be split over {self.size} expert-parallel ranks")
+        count = num_experts // self.size
+        return self.rank * count, count
+
+
+WHOLE = Shard()  # every expert: no expert parallelism
+
+
 @torch.no_grad()
 def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor, mlp: nn.Module,
-             noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+             noise_std: float = 0.0, generator: torch.Generator | None = None, first_expert: int = 0,
+             num_global_experts: int = 0) -> None:
     """Write a dense SwiGLU MLP (see :func:`mlp_weights`) into stacked expert weights, optionally with relative noise.
     A w-times wider expert repeats the hidden units w times and divides the down projection by w, which computes the
-    same function."""
+    same function. Stacked weights that hold experts ``first_expert..`` of ``num_global_experts`` draw the noise of
+    all of them and keep their own rows, so every expert-parallel layout gets the same experts."""
     gate_FD, up_FD, down_DF = mlp_weights(mlp)
     width = gate_EFD.shape[1] // gate_FD.shape[0]
     for target, source in (
@@ -39,15 +67,20 @@ def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tenso
             raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
         target.copy_(source.unsqueeze(0).expand_as(target))
         if noise_std > 0:
-            noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target)
-            target.add_(noise * noise_std * source.float().std().to(target))
+            shape = (max(num_global_experts, target.shape[0]), *target.shape[1:])
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)[first_expert : first_expert + len(target)]
+            target.add_(noise.to(target) * noise_std * source.float().std().to(target))
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU FFN experts (the Llama MLP form), weights stacked as ``[E, out, in]`` like ``nn.Linear``."""
+    """E SwiGLU FFN experts (the Llama MLP form), weights stacked as ``[E, out, in]`` like ``nn.Linear``;
+    ``num_experts`` is the pool's size, of which ``shard`` says which this process holds."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
+                 shard: Shard = WHOLE):
         super().__init__()
+        self.num_global_experts = num_experts
+        self.first_expert, num_experts = shard.local(num_experts)
         self.num_experts = num_experts
         self.act_name = act
         self.act = ACT2FN[act]
@@ -74,42 +107,47 @@ class SwiGLUExperts(nn.Module):
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense SwiGLU MLP (separate or fused gate/up) into every expert (sparse upcycling)."""
-        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
+        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator, self.first_expert,
+                 self.num_global_experts)
+
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters split over expert-parallel ranks (dim 0 = the experts held here): all of them."""
+        return self.named_parameters()
 
     def params_per_expert(self) -> int:
         """Parameters of one expert."""
         return (self.gate_EFD.numel() + self.up_EFD.numel() + self.down_EDF.numel()) // self.num_experts
 
 
-def _ffn(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
-    return SwiGLUExperts(pool.num_experts, hidden, intermediate * pool.width, act)
+def _ffn(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
+    return SwiGLUExperts(pool.num_experts, hidden, intermediate * pool.width, act, shard)
 
 
-def _evidence(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+def _evidence(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
     from asymoe_train.moe.evidence import EvidenceExperts
 
     ev = moe.evidence
     return EvidenceExperts(pool.num_experts, hidden, intermediate, act, num_heads=ev.num_heads,
-                           alpha_init=ev.alpha_init)
+                           alpha_init=ev.alpha_init, shard=shard)
 
 
-def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
+def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
     from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
 
     hyp = moe.hyperbolic
     kwargs = {"init_scale": hyp.init_scale} if hyp.init_scale > 0 else {}
     return HyperbolicExperts(pool.num_experts, hidden, intermediate, act, geometry=hyp.geometry,
                              curvature_init=hyp.curvature_init, curvature_min=hyp.curvature_min,
-                             curvature_max=hyp.curvature_max, **kwargs)
+                             curvature_max=hyp.curvature_max, shard=shard, **kwargs)
 
 
 # Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert): builders from
-# (pool config, MoE config, hidden size, FFN size, activation).
+# (pool config, MoE config, hidden size, FFN size, activation, shard).
 EXPERT_TYPES = {"ffn": _ffn, "evidence": _evidence, "hyperbolic": _hyperbolic}
 
 
-def build_pool(pool, moe, hidden: int, intermediate: int, act: str) -> nn.Module:
-    """The expert pool of one pool config."""
+def build_pool(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard = WHOLE) -> nn.Module:
+    """The expert pool of one pool config; ``shard`` says which of its experts this process holds."""
     if pool.expert not in EXPERT_TYPES:
         raise ValueError(f"unknown expert type {pool.expert!r}; expected one of {sorted(EXPERT_TYPES)}")
-    return EXPERT_TYPES[pool.expert](pool, moe, hidden, intermediate, act)
+    return EXPERT_TYPES[pool.expert](pool, moe, hidden, intermediate, act, shard)

@@ -85,16 +85,27 @@ def lorentz_project(x_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor
     return torch.cat([time_N1, x_ND], dim=-1)
 
 
-@_fp32
-def lorentz_expmap0(v_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
-    """Exponential map at the origin: tangent space part ``v_ND`` to the point (cosh θ, sinh θ · v/|v|) / sqrt(c),
-    θ = sqrt(c)|v|. θ is clamped to ``MAX_LORENTZ_THETA`` (direction kept). Returns ``[..., 1 + D]``."""
+def lorentz_expmap0_parts(v_ND: torch.Tensor, c: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lorentz_expmap0`` as (time ``[..., 1]``, space ``[..., D]``), for callers that use the parts separately
+    (fp32 is the caller's business here)."""
     sqrt_c = c**0.5
     theta_N1 = sqrt_c * _norm(v_ND).clamp_min(MIN_NORM)
     clamped_N1 = theta_N1.clamp_max(MAX_LORENTZ_THETA)
     # v·sinh(θ)/θ rather than sinh(θ)·v/|v|: the same value, exact and smooth through v = 0.
-    space_ND = v_ND * (torch.sinh(clamped_N1) / theta_N1)
-    return torch.cat([torch.cosh(clamped_N1) / sqrt_c, space_ND], dim=-1)
+    return torch.cosh(clamped_N1) / sqrt_c, v_ND * (torch.sinh(clamped_N1) / theta_N1)
+
+
+def lorentz_logmap0_space(space_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``lorentz_logmap0`` of the point whose space part is ``space_ND`` (the time coordinate is implied by it)."""
+    z_N1 = c**0.5 * _norm(space_ND).clamp_min(MIN_NORM)
+    return space_ND * (torch.asinh(z_N1) / z_N1)
+
+
+@_fp32
+def lorentz_expmap0(v_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """Exponential map at the origin: tangent space part ``v_ND`` to the point (cosh θ, sinh θ · v/|v|) / sqrt(c),
+    θ = sqrt(c)|v|. θ is clamped to ``MAX_LORENTZ_THETA`` (direction kept). Returns ``[..., 1 + D]``."""
+    return torch.cat(lorentz_expmap0_parts(v_ND, c), dim=-1)
 
 
 @_fp32
@@ -104,10 +115,7 @@ def lorentz_logmap0(x_NP: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor
     Read from the space part only (asinh), not from x_0 (arcosh): accurate near the origin, where arcosh(1 + δ) loses
     half the digits, and at large radius alike. Assumes ``x_NP`` lies on the hyperboloid. Returns ``[..., D]``.
     """
-    sqrt_c = c**0.5
-    space_ND = x_NP[..., 1:]
-    z_N1 = sqrt_c * _norm(space_ND).clamp_min(MIN_NORM)
-    return space_ND * (torch.asinh(z_N1) / z_N1)
+    return lorentz_logmap0_space(x_NP[..., 1:], c)
 
 
 @_fp32

@@ -38,12 +38,13 @@ back), hence the default.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from asymoe_train.moe.experts import copy_mlp
+from asymoe_train.moe.experts import WHOLE, Shard, copy_mlp
 from asymoe_train.moe.hyperbolic import (
     Curvature,
     lorentz_expmap0,
@@ -93,12 +94,15 @@ class HyperbolicExperts(nn.Module):
         curvature_init: float = 1.0,
         curvature_min: float = 0.1,
         curvature_max: float = 10.0,
+        shard: Shard = WHOLE,
     ):
         super().__init__()
         if geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry '{geometry}'; expected one of {sorted(GEOMETRIES)}")
         if not init_scale > 0:
             raise ValueError(f"init_scale={init_scale} must be > 0 (it is the tangent norm of a unit-RMS token)")
+        self.num_global_experts = num_experts
+        self.first_expert, num_experts = shard.local(num_experts)
         self.num_experts = num_experts
         self.geometry = geometry
         self.init_scale = init_scale
@@ -106,7 +110,8 @@ class HyperbolicExperts(nn.Module):
         self.act = ACT2FN[act]
         self.expmap0, self.logmap0 = GEOMETRIES[geometry]
         self.curvature = Curvature(curvature_init, curvature_min, curvature_max)
-        self.log_scale_E = nn.Parameter(torch.full((num_experts,), math.log(init_scale / math.sqrt(hidden_size))))
+        self.log_scale_E = nn.Parameter(torch.full((self.num_global_experts,),
+                                                   math.log(init_scale / math.sqrt(hidden_size))))
         self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -135,7 +140,7 @@ class HyperbolicExperts(nn.Module):
         dtype = torch.promote_types(x_ND.dtype, torch.float32)
         # fp32 throughout (see hyperbolic.py); autocast would put the matvecs back in bf16.
         with torch.autocast(x_ND.device.type, enabled=False):
-            scale = self.log_scale_E[e].to(dtype).exp()
+            scale = self.log_scale_E[self.first_expert + e].to(dtype).exp()
             p_NP = self.expmap0(x_ND.to(dtype) * scale, c)
             h_NF = self.act(self._layer("gate", e, p_NP, scale, c)) * self._layer("up", e, p_NP, scale, c)
             return self._layer("down", e, self.expmap0(h_NF * scale, c), scale, c)
@@ -159,15 +164,20 @@ class HyperbolicExperts(nn.Module):
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense SwiGLU MLP (separate or fused gate/up) into every expert's space weights (sparse
         upcycling), zero the biases and time columns, and reset the pre-scale to ``init_scale``."""
-        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator)
+        copy_mlp(self.gate_EFD, self.up_EFD, self.down_EDF, mlp, noise_std, generator, self.first_expert,
+                 self.num_global_experts)
         for name, param in self.named_parameters():
             if "_bias_" in name or "_time_" in name:
                 param.zero_()
         self.log_scale_E.fill_(math.log(self.init_scale / math.sqrt(self.gate_EFD.shape[-1])))
 
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters split over expert-parallel ranks (dim 0 = the experts held here)."""
+        return ((n, p) for n, p in self.named_parameters() if n not in ("log_scale_E", "curvature.log_c"))
+
     def params_per_expert(self) -> int:
         """Parameters of one expert (the pool's shared curvature not included)."""
-        return sum(p.numel() for p in self.parameters() if p is not self.curvature.log_c) // self.num_experts
+        return sum(p.numel() for _, p in self.expert_parameters()) // self.num_experts + 1  # + its pre-scale
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, geometry={self.geometry}, init_scale={self.init_scale}"

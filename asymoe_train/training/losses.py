@@ -22,14 +22,25 @@ def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torc
     return loss, int((targets != IGNORE).sum())
 
 
-def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig,
+               world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
-    L_lm is normalised by the number of answer tokens in the micro-batch. Auxiliary terms with weight 0 are not added
-    (they cost nothing and send no gradient).
+    L_lm is normalised by the number of answer tokens in the micro-batch over all ``world_size`` data-parallel ranks
+    (one all-reduce), so a step's loss does not depend on how its batch is split over ranks: each rank contributes
+    its summed token losses / the global count, times ``world_size`` because DeepSpeed averages gradients over ranks.
+    The logged ``loss/lm`` is the global per-token loss. Auxiliary terms with weight 0 are not added (they cost
+    nothing and send no gradient); the others are per rank, and so averaged over ranks.
     """
     loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT)
     lm = loss_sum / max(num_tokens, 1)
+    lm_logged = lm
+    if world_size > 1:
+        totals = torch.stack([loss_sum.detach().double(), loss_sum.new_tensor(num_tokens, dtype=torch.float64)])
+        torch.distributed.all_reduce(totals)
+        global_sum, num_tokens = totals[0], int(totals[1])
+        lm = loss_sum * (world_size / max(num_tokens, 1))
+        lm_logged = global_sum / max(num_tokens, 1)
     aux: dict[str, torch.Tensor] = {}
     names = sorted({name for o in out.moe.values() for name in o.losses})
     for name in names:  # each term averaged over the MoE layers that produce it
@@ -38,8 +49,9 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig) -> 
     for name, term in aux.items():
         if getattr(weights, name):
             loss = loss + getattr(weights, name) * term
-    metrics = {f"loss/{name}": float(term.detach()) for name, term in {"lm": lm, **aux}.items()}
-    metrics["loss/total"] = float(loss.detach())
+    metrics = {f"loss/{name}": float(term.detach()) for name, term in {"lm": lm_logged, **aux}.items()}
+    # the global total: this rank's auxiliary terms plus the global L_lm
+    metrics["loss/total"] = float(loss.detach()) if world_size == 1 else float((loss - lm).detach() + lm_logged)
     metrics["answer_tokens"] = num_tokens
     return loss, metrics
 

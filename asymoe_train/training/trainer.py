@@ -3,6 +3,7 @@ with a DeepSpeed engine, save, and evaluate."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,7 +22,9 @@ from asymoe_train.config.validate import resolve_data_path
 from asymoe_train.data.conversation import ConversationEncoder
 from asymoe_train.data.pipeline import Batch, SampleDecoder, eval_batches, train_loader
 from asymoe_train.data.tokenizer import TextTokenizer
+from asymoe_train.distributed.deepspeed_moe import moe_block_type
 from asymoe_train.distributed.engine import build_engine
+from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, init_expert_parallel
 from asymoe_train.evaluation.vqa import evaluate
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
@@ -89,6 +92,16 @@ class BadSampleBudget:
         return f"skipped {sum(self.skipped.values())} of {self.seen} samples {self.skipped or ''}".strip()
 
 
+def per_step(curriculum, world_size: int):
+    """A resolved curriculum config with each stage's batch given as samples per optimizer step over all ranks
+    (``batch_size`` x ``grad_accum`` x ranks), the same for every layout that trains the same way."""
+    curriculum = copy.deepcopy(curriculum)
+    for stage in curriculum.stages.values():
+        stage.batch_size = stage.batch_size * stage.grad_accum * world_size
+        stage.grad_accum = stage.global_batch_size = 0
+    return curriculum
+
+
 class Trainer:
     """Runs the curriculum of a validated config in ``cfg.run_dir``."""
 
@@ -101,6 +114,7 @@ class Trainer:
         self.encoder = ConversationEncoder(self.tokenizer, cfg.data.template, self.num_image_tokens)
         self.global_step = 0
         self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        self.expert_parallel = init_expert_parallel(cfg.engine)  # None without expert parallelism
         os.makedirs(os.path.join(self.run_dir, "eval"), exist_ok=True)
         resolved = OmegaConf.structured(cfg)
         resolved.resume = "none"  # how a run was started is not part of what it is
@@ -146,23 +160,44 @@ class Trainer:
                              f"this config's curriculum.stages {names} does not have at that place")
         saved = OmegaConf.create(state.config)
         now = OmegaConf.create(self.config_yaml)
+        # on another layout the batch per rank may stay (the global batch then follows the ranks), or the per-rank
+        # batch and gradient accumulation may change to keep the global batch
+        same_steps = per_step(saved.curriculum, state.layout.get("world_size", 1)) == per_step(now.curriculum,
+                                                                                              self.world_size)
         for key in ("model", "curriculum"):
-            if saved[key] != now[key]:
+            if saved[key] != now[key] and not (key == "curriculum" and same_steps):
                 raise ValueError(f"resume: {key} differs from the checkpoint's ({path}/trainer_state.json holds the "
                                  f"resolved config); resume with the same {key} or start a new run")
         if state.config_hash != config_hash(self.config_yaml) and self.rank == 0:
             changed = sorted(k for k in now if k in saved and saved[k] != now[k])
             log.warning("resume: config differs from the checkpoint's in %s", changed)
-        before, after = state.layout, self.layout
-        if before.get("zero_stage", 0) > 0 and before != after:
-            raise ValueError(
-                f"resume: {path} was written with layout {before}, this run has {after}; ZeRO-partitioned optimizer "
-                "state only resumes on the same layout. Resume with the checkpoint's world size and engine settings, "
-                "or continue from its weights in a new run"
-            )
+        self.check_layout(state, path)
         if self.rank == 0:
             log.info(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
         return state, path
+
+    def check_layout(self, state: TrainerState, path: str) -> None:
+        """A mid-stage checkpoint resumes on another layout only where its optimizer state can be regrouped: ZeRO-0
+        in fp32 (a torch optimizer, whole on every rank; experts are resharded by name). A stage-end checkpoint
+        resumes on any layout: the next stage needs only its weights."""
+        before, after = state.layout, self.layout
+        if before == after or state.stage_done:
+            return
+        if before.get("zero_stage", 0) > 0 or after["zero_stage"] > 0:
+            why = "ZeRO-1/2 optimizer state is partitioned by rank"
+        elif "bf16" in (before.get("precision"), after["precision"]):
+            why = "bf16 optimizer state is partitioned by rank (DeepSpeed's bf16 optimizer)"
+        else:
+            return
+        e = before
+        raise ValueError(
+            f"resume: {path} was written with layout {before}, this run has {after}; {why}, so it resumes on its own "
+            f"layout only: run it with {e.get('world_size')} ranks and engine.ep_size={e.get('ep_size', 1)} "
+            f"engine.zero_stage={e.get('zero_stage', 0)} engine.precision={e.get('precision')} (e.g. `torchrun "
+            f"--nproc-per-node {e.get('world_size')} -m asymoe_train.cli ... resume={path}`). Checkpoints written "
+            "with engine.zero_stage=0 engine.precision=fp32 resume on any world size and ep_size, and stage-end "
+            "checkpoints on any layout"
+        )
 
     def request_stop(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -182,11 +217,16 @@ class Trainer:
         if self.world_size > 1:
             gathered: list = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, self.positions)
-            positions = {k: v for part in gathered for k, v in part.items()}
+            # a rank also holds the positions it resumed from for streams another rank reads: the furthest wins
+            positions = {}
+            for part in gathered:
+                for stream, position in part.items():
+                    if stream not in positions or position[2] > positions[stream][2]:
+                        positions[stream] = position
         state = TrainerState(stage=name, stage_index=index, step=step, global_step=self.global_step,
                              stage_done=stage_done, data_position=positions, wandb_id=self.logger.run_id,
                              config=self.config_yaml, config_hash=config_hash(self.config_yaml), layout=self.layout)
-        path = save_checkpoint(engine, model, self.run_dir, state, self.rank, self.world_size)
+        path = save_checkpoint(engine, model, self.run_dir, state, self.rank, self.world_size, self.expert_parallel)
         if self.rank == 0:
             prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
@@ -205,6 +245,13 @@ class Trainer:
             return self.resume_from[1]
         return os.path.join(self.run_dir, "checkpoints", stage)
 
+    def setup_model(self, model: VisionLanguageModel) -> None:
+        """Inject what maps the model to this run's parallel layout, before it is upcycled: the token dispatcher
+        (all-to-all under expert parallelism: every block then holds its rank's share of experts) and the MoE
+        block class of ``model.moe.backend``."""
+        model.dispatcher = AllToAllDispatcher(self.expert_parallel) if self.expert_parallel else None
+        model.block_type = moe_block_type(self.cfg.model.moe.backend)
+
     def build_stage_model(self, index: int, resuming: bool = False) -> VisionLanguageModel:
         """The model a stage starts from: the previous stage's weights, upcycled if this or an earlier stage says so.
         ``resuming`` (mid-stage): the structure only, every weight then comes from the checkpoint."""
@@ -212,13 +259,14 @@ class Trainer:
         names = list(stages)
         if resuming or index == 0:
             model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed)
+            self.setup_model(model)
             if resuming and upcycled_after(stages, names[index]):
                 model.upcycle()
                 return model
         else:
             model = load_stage_model(self.cfg.model, stages, self.run_dir, names[index - 1],
                                      self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed,
-                                     self.stage_checkpoint(names[index - 1]))
+                                     self.stage_checkpoint(names[index - 1]), setup=self.setup_model)
         if stages[names[index]].upcycle and not resuming:
             model.upcycle(torch.Generator().manual_seed(self.cfg.seed + 1))
         return model
@@ -237,6 +285,10 @@ class Trainer:
               f"pools={[(p.name, p.num_experts) for p in moe.pools]} top_k={moe.top_k}")
         log.info(f"parameters: dense {format_count(dense_total)} | after upcycling: total {format_count(total)}, "
               f"activated per token {format_count(activated)}")
+        if self.expert_parallel:
+            ep = self.expert_parallel.size
+            log.info(f"expert parallelism: groups of {ep} ranks, each expert held by {self.world_size // ep} of them; "
+                     f"experts per rank {[(p.name, p.num_experts // ep) for p in moe.pools]}")
         for name, stage in self.cfg.curriculum.stages.items():
             images = stage.batch_size * stage.grad_accum * self.world_size
             log.info(f"stage {name}: {stage.steps} steps, global batch {images} samples (images) "
@@ -305,11 +357,11 @@ class Trainer:
             else 0
         )
         counts = set_trainable(model, stage.trainable)
-        engine = build_engine(model, self.cfg.engine, stage, stage.steps)
+        engine = build_engine(model, self.cfg.engine, stage, stage.steps, self.expert_parallel)
         first_step, self.positions = 0, {}
         if resume is not None:
             state, path = resume
-            load_checkpoint(engine, model, path, self.rank, replicated=state.layout.get("zero_stage", 0) == 0)
+            load_checkpoint(engine, model, path, self.rank, state.layout, self.layout)
             first_step, self.global_step = state.step, state.global_step
             self.positions = dict(state.data_position)
         seed = self.cfg.seed * 100 + index
@@ -340,7 +392,7 @@ class Trainer:
                     self.print_first_batch(batch, stage)
                 batch.to(engine.device, self.dtype)
                 out = engine(**batch.model_inputs())
-                loss, metrics = total_loss(out, batch.labels_BT, stage.losses)
+                loss, metrics = total_loss(out, batch.labels_BT, stage.losses, self.world_size)
                 if counterfactual_every and step % counterfactual_every == 0:
                     blind = engine(**{**batch.model_inputs(),
                                       "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
@@ -398,6 +450,12 @@ class Trainer:
         stop = self.stop_requested()
         if stop:
             raise Preempted(path, stop)
+        if stage.eval and self.expert_parallel and self.rank == 0:
+            # rank 0 evaluates alone: on the consolidated weights, every expert local (an all-to-all would wait for
+            # ranks that do not evaluate)
+            model = load_stage_model(self.cfg.model, self.cfg.curriculum.stages, self.run_dir, name,
+                                     self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed, path)
+            model.to(engine.device, self.dtype)
         result = self.evaluate(model, name, engine.device) if stage.eval else {}
         del stream, loader
         return result
