@@ -32,10 +32,11 @@ def run_group(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def torchrun(nproc: int, run_dir, *extra: str) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, run_dir, data_root: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return run_group([*launcher, "-m", "asymoe_train.cli", *RUN, f"hydra.run.dir={run_dir}", *extra], env)
+    return run_group([*launcher, "-m", "asymoe_train.cli", *RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}",
+                      *extra], env)
 
 
 def keys_by_rank(run_dir) -> dict[str, list[str]]:
@@ -49,7 +50,7 @@ def keys_by_rank(run_dir) -> dict[str, list[str]]:
 @pytest.mark.distributed
 def test_two_ranks_train_and_resume_on_one_rank(tmp_path, demo_data):
     two = tmp_path / "two"
-    proc = torchrun(2, two, "curriculum.stages.instruct.eval=false")
+    proc = torchrun(2, two, demo_data, "curriculum.stages.instruct.eval=false")
     assert proc.stdout.count("run_dir: ") == 1  # rank 0 reports; one run directory for the job
     state, path = complete_checkpoints(two)[-1]
     assert state.stage_done and state.layout["world_size"] == 2
@@ -67,7 +68,7 @@ def test_two_ranks_train_and_resume_on_one_rank(tmp_path, demo_data):
     saved = TrainerState.load(mid)
     assert len(saved.data_position) == 8  # both ranks' streams, gathered
     one = tmp_path / "one"
-    proc = torchrun(1, one, f"resume={mid}", "curriculum.stages.instruct.eval=false")
+    proc = torchrun(1, one, demo_data, f"resume={mid}", "curriculum.stages.instruct.eval=false")
     assert f"resuming from {mid}: stage instruct, step 4" in proc.stdout
     losses_one, keys_one = history(one)
     assert sorted(losses_one) == list(range(9, 13))  # global steps after the checkpoint

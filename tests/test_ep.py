@@ -68,8 +68,17 @@ def torchrun(nproc: int, *args: str):
     return run_group([*launcher, *args], env())
 
 
+DATA_ROOT: list[str] = []  # data.root of the demo shards, set by the ``data_root`` fixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def data_root(demo_data):
+    DATA_ROOT[:] = [demo_data]
+
+
 def train(nproc: int, run_dir, *extra: str, logger: str = "disabled"):
-    cli = ["-m", "asymoe_train.cli", *DEMO, f"logger.mode={logger}", f"hydra.run.dir={run_dir}", *extra]
+    cli = ["-m", "asymoe_train.cli", *DEMO, f"data.root={DATA_ROOT[0]}", f"logger.mode={logger}",
+           f"hydra.run.dir={run_dir}", *extra]
     if nproc == 1:
         return run_group([sys.executable, *cli], env())
     return torchrun(nproc, *cli)

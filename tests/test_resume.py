@@ -28,8 +28,17 @@ RUN = [
 TIMEOUT = 240
 
 
+DATA_ROOT: list[str] = []  # data.root of the demo shards, set by the ``data_root`` fixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def data_root(demo_data):
+    DATA_ROOT[:] = [demo_data]
+
+
 def command(run_dir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "asymoe_train.cli", *RUN, f"hydra.run.dir={run_dir}", *extra]
+    return [sys.executable, "-m", "asymoe_train.cli", *RUN, f"data.root={DATA_ROOT[0]}", f"hydra.run.dir={run_dir}",
+            *extra]
 
 
 def train(run_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
