@@ -58,6 +58,10 @@ def test_evidence_branch_never_sees_answers_or_the_future():
         earlier = earlier.reshape(-1)
         torch.testing.assert_close(moved.evidence_ETD[:, earlier], base.evidence_ETD[:, earlier])
         torch.testing.assert_close(moved.score_T[earlier], base.score_T[earlier])
+        for e in range(2):  # the experts' outputs, output projection and memory branch included
+            x2_earlier = x2.reshape(B * T, D)[earlier]
+            torch.testing.assert_close(pool.expert(e, x2_earlier, moved.evidence_ETD[e, earlier]),
+                                       pool.expert(e, x[earlier], base.evidence_ETD[e, earlier]))
     # answer tokens are not evidence: perturbing them changes no other token's evidence output, later ones included
     x3 = x.clone().reshape(B, T, D)
     answers = (~context) & (modality != PAD)
@@ -69,6 +73,47 @@ def test_evidence_branch_never_sees_answers_or_the_future():
     torch.testing.assert_close(moved.evidence_ETD[:, others], base.evidence_ETD[:, others])
     assert ((base.score_T >= 0) & (base.score_T <= 1)).all()
     assert base.score_T.reshape(B, T)[:, 0].abs().max() == 0  # nothing before the first token: all mass on the sink
+
+
+def reference_evidence_expert(pool: EvidenceExperts, e: int, x_TD, context_BT):
+    """Expert e's outputs and the pool's s_evd, one token and one head at a time: attention over the context positions
+    strictly before the token plus a null key with zero value; s_evd = mass on real context, averaged over heads and
+    experts."""
+    h, c = pool.num_heads, D // pool.num_heads
+    x_BTD = x_TD.reshape(B, T, D)
+    out, score = torch.zeros(B, T, D), torch.zeros(B, T)
+    for b in range(B):
+        for i in range(T):
+            allowed = [j for j in range(i) if context_BT[b, j]]
+            for expert in range(pool.num_global_experts):
+                q, k, v = (w @ x_BTD[b].T for w in pool.qkv_E3XD[expert])  # each [D, T]
+                heads = []
+                for head in range(h):
+                    rows = slice(head * c, (head + 1) * c)
+                    logits = torch.stack([q[rows, i] @ k[rows, j] for j in allowed]
+                                         + [q[rows, i] @ pool.null_key_EHC[expert, head]]) * c**-0.5
+                    probs = logits.softmax(0)
+                    heads.append(sum((p * v[rows, j] for p, j in zip(probs, allowed, strict=False)),
+                                     torch.zeros(c)))
+                    score[b, i] += probs[:-1].sum() / (h * pool.num_global_experts)
+                if expert == e:
+                    memory = pool.memory.expert(e, x_BTD[b, i : i + 1])[0]
+                    out[b, i] = memory + pool.alpha_E[e] * (pool.out_EDX[e] @ torch.cat(heads))
+    return out.reshape(B * T, D), score.reshape(-1)
+
+
+def test_evidence_expert_equals_per_token_reference():
+    torch.manual_seed(0)
+    pool = EvidenceExperts(2, D, F, num_heads=4)
+    with torch.no_grad():
+        for p in (pool.out_EDX, pool.null_key_EHC, *pool.memory.parameters()):
+            torch.nn.init.normal_(p, std=0.2)
+    x, modality, context = structure()
+    prep = pool.prepare(x, TokenContext((B, T), context, modality))
+    for e in range(2):
+        expected, score = reference_evidence_expert(pool, e, x, context)
+        torch.testing.assert_close(pool.expert(e, x, prep.evidence_ETD[e]), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prep.score_T, score, atol=1e-6, rtol=1e-5)
 
 
 def test_fresh_evidence_expert_is_its_memory_ffn():

@@ -6,8 +6,9 @@ alpha = sigmoid(a). The evidence branch's output projection starts at zero, so a
 FFN. Every evidence head also sees a learned null key with a zero value (an attention sink): the head-averaged
 attention mass that lands on real context tokens instead of the sink is the token's evidence score s_evd in [0, 1].
 
-The evidence branch is computed densely for all tokens before dispatch (``prepare``), so routing can add beta * s_evd
-to the EP logits; each dispatched row then carries its precomputed evidence output to its expert. Under expert
+The evidence attention is computed densely for all tokens before dispatch (``prepare``), so routing can add
+beta * s_evd to the EP logits; each dispatched row then carries its attended context (the heads' outputs, before the
+output projection) to its expert, which projects only the rows routed to it. Under expert
 parallelism only the memory branches are split over ranks: s_evd averages the attention of every expert and must be
 known where the token is routed, so the evidence branches (and the gates) stay whole on every rank, and a token's
 evidence row travels with it to the rank that holds its expert.
@@ -40,7 +41,7 @@ class TokenContext:
 class EvidencePrep:
     """Dense evidence-branch results for all tokens, computed before routing."""
 
-    evidence_ETD: torch.Tensor  # per expert evidence output (before the gate)
+    evidence_ETD: torch.Tensor  # per expert attended context, heads concatenated (before the output projection)
     score_T: torch.Tensor  # s_evd in [0, 1], head- and expert-averaged mass on context
 
 
@@ -83,24 +84,28 @@ class EvidenceExperts(nn.Module):
         allowed_B1TT = (before_TT.unsqueeze(0) & ctx.context_BT.unsqueeze(1)).unsqueeze(1)
         outputs, scores = [], []
         for e in range(self.num_global_experts):
-            q, k, v = (nn.functional.linear(x_BTD, w).reshape(b, t, h, c).transpose(1, 2) for w in self.qkv_E3XD[e])
+            qkv_BT3HC = nn.functional.linear(x_BTD, self.qkv_E3XD[e].flatten(0, 1)).unflatten(-1, (3, h, c))
+            q, k, v = qkv_BT3HC.permute(2, 0, 3, 1, 4)  # each [B, H, T, C]
             logits_BHTT = (q @ k.transpose(-1, -2)).float() * c**-0.5
             logits_BHTT = logits_BHTT.masked_fill(~allowed_B1TT, float("-inf"))
             null_BHT1 = (q.float() * self.null_key_EHC[e].float()[None, :, None, :]).sum(-1, keepdim=True) * c**-0.5
             probs = torch.cat([logits_BHTT, null_BHT1], dim=-1).softmax(dim=-1)
             context_probs_BHTT = probs[..., :t]  # the null slot's value is zero: it only absorbs mass
             attended_BHTC = context_probs_BHTT.to(v.dtype) @ v
-            attended_BTD = attended_BHTC.transpose(1, 2).reshape(b, t, d)
-            outputs.append(nn.functional.linear(attended_BTD, self.out_EDX[e]).reshape(b * t, d))
+            outputs.append(attended_BHTC.transpose(1, 2).reshape(b * t, d))
             scores.append(context_probs_BHTT.sum(-1).mean(1).reshape(b * t))
         return EvidencePrep(torch.stack(outputs), torch.stack(scores).mean(0))
 
-    def expert(self, e: int, x_ND: torch.Tensor, evidence_ND: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` (of those held here) on its tokens and their evidence outputs."""
-        return self.memory.expert(e, x_ND) + self.alpha_E[self.first_expert + e].to(x_ND.dtype) * evidence_ND
+    def expert(self, e: int, x_ND: torch.Tensor, attended_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` (of those held here) on its tokens and their attended context (``EvidencePrep``): the output
+        projection is applied here, to the rows routed to the expert only (it is linear, so it commutes with the
+        dispatch)."""
+        e_global = self.first_expert + e
+        evidence_ND = nn.functional.linear(attended_ND, self.out_EDX[e_global])
+        return self.memory.expert(e, x_ND) + self.alpha_E[e_global].to(x_ND.dtype) * evidence_ND
 
     def forward(self, x_ND: torch.Tensor, counts: list[int], evidence_ND: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert, ``counts[e]`` of them for expert e, each with its evidence output
+        """Tokens sorted by expert, ``counts[e]`` of them for expert e, each with its attended context
         ``prep.evidence_ETD[expert, token]``; returns outputs in the same order."""
         outputs = []
         start = 0

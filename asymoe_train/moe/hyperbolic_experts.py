@@ -47,19 +47,14 @@ from transformers.activations import ACT2FN
 from asymoe_train.moe.experts import WHOLE, Shard, copy_mlp
 from asymoe_train.moe.hyperbolic import (
     Curvature,
-    lorentz_expmap0,
-    lorentz_linear,
-    lorentz_logmap0,
+    lorentz_expmap0_parts,
+    lorentz_logmap0_space,
     poincare_expmap0,
     poincare_linear,
     poincare_logmap0,
 )
 
-# Maps at the origin per geometry: (exp0 tangent -> point, log0 point -> tangent).
-GEOMETRIES = {
-    "lorentz": (lorentz_expmap0, lorentz_logmap0),
-    "poincare": (poincare_expmap0, poincare_logmap0),
-}
+GEOMETRIES = ("lorentz", "poincare")
 # Parameter names of each layer: (space weight, bias, Lorentz time column).
 LAYERS = {
     "gate": ("gate_EFD", "gate_bias_EF", "gate_time_EF"),
@@ -108,7 +103,6 @@ class HyperbolicExperts(nn.Module):
         self.init_scale = init_scale
         self.act_name = act
         self.act = ACT2FN[act]
-        self.expmap0, self.logmap0 = GEOMETRIES[geometry]
         self.curvature = Curvature(curvature_init, curvature_min, curvature_max)
         self.log_scale_E = nn.Parameter(torch.full((self.num_global_experts,),
                                                    math.log(init_scale / math.sqrt(hidden_size))))
@@ -127,23 +121,47 @@ class HyperbolicExperts(nn.Module):
         self.up_time_EF = nn.Parameter(torch.zeros(num_experts, intermediate_size)) if lorentz else None
         self.down_time_ED = nn.Parameter(torch.zeros(num_experts, hidden_size)) if lorentz else None
 
-    def _layer(self, name: str, e: int, point: torch.Tensor, scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Layer ``name`` of expert ``e`` on a point, read back as a tangent vector at the origin and unscaled."""
-        weight, bias, time = (getattr(self, attr) for attr in LAYERS[name])
-        if self.geometry == "lorentz":
-            out = lorentz_linear(point, weight[e], c, bias[e] * scale, time[e] * scale)
-        else:
-            out = poincare_linear(point, weight[e], c, bias[e] * scale)
-        return self.logmap0(out, c) / scale
+    def _poincare_layer(self, name: str, e: int, point: torch.Tensor, scale: torch.Tensor,
+                        c: torch.Tensor) -> torch.Tensor:
+        """Poincaré layer ``name`` of expert ``e`` on a point, read back as a tangent vector at the origin and
+        unscaled."""
+        weight, bias, _ = (getattr(self, attr) for attr in LAYERS[name])
+        return poincare_logmap0(poincare_linear(point, weight[e], c, bias[e] * scale), c) / scale
+
+    def _lorentz_expert(self, e: int, x_ND: torch.Tensor, scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The Lorentz expert of ``_expert`` in fewer passes, same maths: gate and up read the same point, so they run
+        as one matmul over the concatenated weights; and log0 reads a point's space part only, so the time
+        coordinates that ``lorentz_linear`` would recompute are never formed (``lorentz_project`` then
+        ``lorentz_logmap0`` is ``lorentz_logmap0_space`` of the space part)."""
+        num_hidden, dtype = self.gate_EFD.shape[1], x_ND.dtype
+
+        def cat(*params: nn.Parameter) -> torch.Tensor:  # expert e's rows, gate then up, in the compute dtype
+            return torch.cat([p[e] for p in params]).to(dtype)
+
+        time_N1, space_ND = lorentz_expmap0_parts(x_ND * scale, c)
+        space_NG = torch.addcmul(  # G = 2F: the gate layer's outputs, then the up layer's
+            nn.functional.linear(space_ND, cat(self.gate_EFD, self.up_EFD), cat(self.gate_bias_EF, self.up_bias_EF)
+                                 * scale),
+            time_N1, cat(self.gate_time_EF, self.up_time_EF) * scale)
+        # log0 per layer: the norms are over each layer's own F coordinates
+        tangent_N2F = lorentz_logmap0_space(space_NG.unflatten(-1, (2, num_hidden)), c) / scale
+        h_NF = self.act(tangent_N2F[:, 0]) * tangent_N2F[:, 1]
+        time_N1, space_NF = lorentz_expmap0_parts(h_NF * scale, c)
+        space_ND = torch.addcmul(nn.functional.linear(space_NF, cat(self.down_EDF), cat(self.down_bias_ED) * scale),
+                                 time_N1, cat(self.down_time_ED) * scale)
+        return lorentz_logmap0_space(space_ND, c) / scale
 
     def _expert(self, e: int, x_ND: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_ND.dtype, torch.float32)
         # fp32 throughout (see hyperbolic.py); autocast would put the matvecs back in bf16.
         with torch.autocast(x_ND.device.type, enabled=False):
             scale = self.log_scale_E[self.first_expert + e].to(dtype).exp()
-            p_NP = self.expmap0(x_ND.to(dtype) * scale, c)
-            h_NF = self.act(self._layer("gate", e, p_NP, scale, c)) * self._layer("up", e, p_NP, scale, c)
-            return self._layer("down", e, self.expmap0(h_NF * scale, c), scale, c)
+            if self.geometry == "lorentz":
+                return self._lorentz_expert(e, x_ND.to(dtype), scale, c.to(dtype))
+            p_ND = poincare_expmap0(x_ND.to(dtype) * scale, c)
+            h_NF = self.act(self._poincare_layer("gate", e, p_ND, scale, c)) * self._poincare_layer("up", e, p_ND,
+                                                                                                 scale, c)
+            return self._poincare_layer("down", e, poincare_expmap0(h_NF * scale, c), scale, c)
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to its tokens; returns ``x_ND``'s dtype."""
