@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install torch (CPU wheel on CPU machines), the package and dev tools
 
-$(DATA)/manifest.json: $(VENV)/.installed data_recipes/easy_vqa.py
+$(DATA)/manifest.json: $(VENV)/.installed data_recipes/easy_vqa.py data_recipes/recipe_common.py
 	$(PY) data_recipes/easy_vqa.py --out $(DATA)
 
 data: $(DATA)/manifest.json ## build the easy-vqa demo shards and tokenizer under data/easy_vqa
@@ -38,8 +38,15 @@ test: install ## run the whole test suite (unit, integration, 2-process distribu
 
 bench: install data ## MoE block and demo training-step throughput; appends the tables to docs/benchmarks.md
 	for tokens in 1024 4096 16384; do for hidden in 256 512; do \
-		$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden $$hidden --repeats 7 --out docs/benchmarks.md || exit 1; \
+		$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden $$hidden --deepspeed-capacity 1.0,1.5 --repeats 7 \
+			--out docs/benchmarks.md || exit 1; \
 	done; done
+	@# Issue 7's comparison: vanilla (E=4, top-2) against the dense FFN and DeepSpeed's MoE layer, with the balanced
+	@# random router and a skewed one (0.33 nats: DeepSpeed drops about 14 % of assignments at capacity factor 1.0).
+	for skew in 0 0.33; do \
+		$(PY) benchmarks/moe_block.py --tokens 4096 --hidden 512 --experts 4 --variants vanilla \
+			--deepspeed-capacity 1.0,1.5 --router-skew $$skew --repeats 15 --out docs/benchmarks.md || exit 1; \
+	done
 	$(PY) benchmarks/train_step.py --out docs/benchmarks.md
 
 lint: install ## ruff over the package, recipes and tests

@@ -82,7 +82,7 @@ def command_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory, outputs/<experiment>/<run_id>")
     export.add_argument("--stage", help="curriculum stage to export (default: the last one that finished)")
     export.add_argument("--out", help="output directory (default: <run_dir>/export)")
-    export.add_argument("--tokenizer", help="the run's tokenizer.json, when data.root cannot be found from here")
+    export.add_argument("--tokenizer", help="the run's tokenizer (tokenizer.json or Hugging Face tokenizer directory), when data.root cannot be found from here")
     generate = commands.add_parser("generate", help="answer a question about an image with an exported model "
                                    "(greedy decoding, the training template and image preprocessing)")
     generate.add_argument("export_dir", help="a directory written by `asymoe-train export`")

@@ -1,7 +1,8 @@
 """Export a run's stage as consolidated weights plus what rebuilds and prompts the model, and load it back in plain
 PyTorch on one device: no DeepSpeed, no process group, no run directory, no shards.
 
-An export directory holds ``model.safetensors``, ``tokenizer.json`` and ``config.yaml`` (:class:`ExportConfig`).
+An export directory holds ``model.safetensors``, the tokenizer (``tokenizer.json``, or a ``tokenizer/`` directory when
+the run used a Hugging Face tokenizer directory) and ``config.yaml`` (:class:`ExportConfig`).
 Backbones configured by a local path (``model.backbone.vision_path``, ``model.backbone.lm_path``) are rebuilt from
 that path before the exported weights replace theirs, so the path must also exist where the export is loaded.
 """
@@ -17,14 +18,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_model
 
+from asymoe_train.config.derive import image_tokens_per_image
 from asymoe_train.config.schema import ModelConfig, TrainConfig
 from asymoe_train.config.validate import resolve_data_path
+from asymoe_train.data.conversation import ConversationEncoder
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.training.checkpoint import WEIGHTS, load_stage_model, save_weights, stage_dir
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer directory (with its chat template) is copied here
 
 
 @dataclass(kw_only=True)
@@ -33,8 +37,8 @@ class ExportConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     upcycled: bool = False  # the MoE slots hold MoE blocks (build, then upcycle, then load the weights)
-    tokenizer: str = TOKENIZER  # relative to the export directory
-    template: str = "plain"  # conversation template of training (asymoe_train.data.conversation.TEMPLATES)
+    tokenizer: str = TOKENIZER  # relative to the export directory: tokenizer.json, or tokenizer/ (Hugging Face)
+    template: str = "plain"  # the run's resolved conversation template: chat (the tokenizer's) or a TEMPLATES name
     image_size: int = 64  # images are resized to image_size x image_size, as in training
     max_length: int = 128  # longest prompt in tokens (the run's data.max_length)
     max_new_tokens: int = 4  # default answer length (the run's eval.max_new_tokens)
@@ -95,7 +99,7 @@ def _run_tokenizer(cfg: TrainConfig, run_dir: str) -> str:
         if cwd:
             candidates.append(os.path.join(cwd, path))
     for candidate in candidates:
-        if os.path.isfile(candidate):
+        if os.path.exists(candidate):
             return candidate
     raise FileNotFoundError(f"the run's tokenizer (data.root={cfg.data.root!r}, data.tokenizer={cfg.data.tokenizer!r}) "
                             f"is not at {candidates}; run export from the directory the run was trained in, or pass "
@@ -117,10 +121,16 @@ def export(run_dir: str, stage: str | None = None, out: str | None = None, token
     out = out or os.path.join(run_dir, "export")
     os.makedirs(out, exist_ok=True)
     save_weights(model, os.path.join(out, WEIGHTS))
-    if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, TOKENIZER)):
-        shutil.copyfile(tokenizer_path, os.path.join(out, TOKENIZER))
+    name = TOKENIZER_DIR if os.path.isdir(tokenizer_path) else TOKENIZER
+    target = os.path.join(out, name)
+    if os.path.abspath(tokenizer_path) != os.path.abspath(target):
+        if os.path.isdir(tokenizer_path):
+            shutil.copytree(tokenizer_path, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(tokenizer_path, target)
+    template = ConversationEncoder(tok, cfg.data.template, image_tokens_per_image(cfg.model.vision)).template_name
     meta = ExportConfig(
-        model=cfg.model, upcycled=model.is_upcycled, template=cfg.data.template,
+        model=cfg.model, upcycled=model.is_upcycled, tokenizer=name, template=template,
         image_size=cfg.model.vision.image_size, max_length=cfg.data.max_length,
         max_new_tokens=cfg.eval.max_new_tokens, run_dir=os.path.abspath(run_dir), stage=stage,
     )

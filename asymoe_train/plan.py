@@ -119,10 +119,10 @@ class Plan:
 def _vocab_size(cfg: TrainConfig, lm_from_checkpoint: bool) -> int:
     """Embedding rows the trainer would build: the tokenizer's when it is here (it can grow a checkpoint's)."""
     tokenizer = resolve_data_path(cfg.data, cfg.data.tokenizer)
-    if os.path.isfile(tokenizer):
-        from tokenizers import Tokenizer
+    if os.path.exists(tokenizer):
+        from asymoe_train.data.tokenizer import TextTokenizer
 
-        return Tokenizer.from_file(tokenizer).get_vocab_size()
+        return TextTokenizer(tokenizer).vocab_size
     if not lm_from_checkpoint and cfg.model.lm.vocab_size == 0:
         raise ConfigError(f"model.lm.vocab_size=0 (the tokenizer's) but data.tokenizer {tokenizer} is not here; set "
                           "model.lm.vocab_size to count the embeddings")

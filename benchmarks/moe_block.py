@@ -6,12 +6,21 @@ so modality routers and evidence experts see the structure they see in training.
 once, in a rotating order, so drift and noise from other processes hit all of them alike; the figure per variant is
 the median over repeats. The loss is sum(output^2) plus the block's auxiliary losses.
 
+``--deepspeed-capacity 1.0,1.5`` adds DeepSpeed's ``deepspeed.moe.layer.MoE`` with the vanilla block's experts and
+router weights at each capacity factor (``deepspeed_baseline.py``), and the table gives every row's dropped share.
+``--router-skew s`` makes the vanilla router unbalanced (see ``skew_routing``).
+
     python benchmarks/moe_block.py --tokens 4096 --hidden 256 --variants vanilla,asymoe --out docs/benchmarks.md
+    python benchmarks/moe_block.py --tokens 4096 --hidden 512 --experts 4 --variants vanilla \
+        --deepspeed-capacity 1.0,1.5 --router-skew 0.33
+
+# T tokens, D model dim, R experts of the vanilla router, B sequences, L positions
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -28,15 +37,24 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from deepspeed_baseline import deepspeed_drops, deepspeed_twin, init_single_process, native_drops  # noqa: E402
+
 from asymoe_train.config.schema import MoEConfig  # noqa: E402
 from asymoe_train.modality import IMAGE, TEXT  # noqa: E402
 from asymoe_train.moe.block import MoEBlock  # noqa: E402
 from asymoe_train.moe.evidence import TokenContext  # noqa: E402
+from asymoe_train.moe.router import TopKRouter  # noqa: E402
+
+VANILLA, NAIVE, DENSE = "vanilla", "naive masked loop (vanilla)", "dense (same activated FFN)"
 
 
-def variant_config(name: str) -> MoEConfig:
+def variant_config(name: str, num_experts: int | None = None) -> MoEConfig:
+    """``conf/model/moe/<name>.yaml``; ``num_experts`` overrides the vanilla variant's pool size."""
     path = os.path.join(ROOT, "conf", "model", "moe", f"{name}.yaml")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(path)))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(path)))
+    if num_experts is not None and name == VANILLA:
+        cfg.pools[0].num_experts = num_experts
+    return cfg
 
 
 def token_layout(tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +87,11 @@ class Dense(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cfg: MoEConfig, mlp: LlamaMLP, hidden: int, intermediate: int):
+    """An MoE block (ours, or DeepSpeed's layer in our block's interface) with the benchmark's call signature."""
+
+    def __init__(self, block: MoEBlock):
         super().__init__()
-        self.block = MoEBlock.upcycle(mlp, cfg, hidden, intermediate, "silu")
+        self.block = block
 
     def forward(self, x, modality, ctx):
         out = self.block(x, modality, ctx)
@@ -95,6 +115,28 @@ class NaiveLoop(torch.nn.Module):
             out = self.experts.expert(e, x[token]) * routing.weights_NK[token, k, None].to(x.dtype)
             y = y.index_add(0, token, out)
         return y, {}
+
+
+def skew_routing(x_TD: torch.Tensor, router: TopKRouter, skew: float) -> torch.Tensor:
+    """Unbalance ``router`` (in place) by ``skew`` nats: router e's logits rise by ``skew * (e / (R - 1) - 1/2)`` on
+    average, so the last experts get more tokens than the first; returns the tokens to use.
+
+    Router weights alone cannot unbalance zero-mean tokens much (with R = 2K experts, as here, not at all: x and -x
+    are equally likely, and the top K for one are the bottom K for the other), so the tokens get a shared mean
+    direction u as large as their noise (decoder hidden states have such directions), renormalised to unit RMS, and
+    each router row gets its offset along u in place of its random component there."""
+    num_experts, hidden = router.weight_RD.shape
+    if num_experts < 2:
+        raise ValueError("--router-skew needs a router over at least 2 experts")
+    u_D = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+    x_TD = x_TD + math.sqrt(hidden) * u_D
+    x_TD = x_TD / x_TD.square().mean(-1, keepdim=True).sqrt()
+    offset_R = skew * (torch.arange(num_experts) / (num_experts - 1) - 0.5)
+    with torch.no_grad():
+        weight_RD = router.weight_RD
+        weight_RD -= (weight_RD @ u_D)[:, None] * u_D
+        weight_RD += offset_R[:, None] * u_D / (x_TD @ u_D).mean()
+    return x_TD
 
 
 def step(module, x, modality, ctx) -> None:
@@ -144,49 +186,88 @@ def main() -> None:
     parser.add_argument("--ffn-mult", type=float, default=3.0, help="expert intermediate size = mult x hidden")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--variants", default="vanilla,modality,moiie,asymoe")
+    parser.add_argument("--experts", type=int, help="experts of the vanilla variant (default: its YAML's); the "
+                        "naive loop and DeepSpeed rows use the vanilla block's")
+    parser.add_argument("--deepspeed-capacity", default="", help="comma-separated capacity factors: a row of "
+                        "DeepSpeed's MoE layer (vanilla's weights and routing, dropping tokens) for each")
+    parser.add_argument("--router-skew", type=float, default=0.0, help="unbalance the vanilla router by this many "
+                        "nats between its first and last expert (0: the balanced random router)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="append the result table to this markdown file")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    capacities = [float(c) for c in args.deepspeed_capacity.split(",") if c]
+    if (capacities or args.router_skew) and VANILLA not in variants:
+        raise ValueError("--deepspeed-capacity and --router-skew work on the vanilla block: add vanilla to --variants")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hidden, intermediate = args.hidden, int(args.ffn_mult * args.hidden)
     mlp = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate))
-    modules, activated = {}, {}
-    for name in args.variants.split(","):
-        cfg = variant_config(name)
-        modules[name] = Block(cfg, mlp, hidden, intermediate)
+    modules, activated, capacity = {}, {}, {}
+    for name in variants:
+        cfg = variant_config(name, args.experts)
+        modules[name] = Block(MoEBlock.upcycle(mlp, cfg, hidden, intermediate, "silu"))
         activated[name] = activated_ffn_params(cfg, hidden, intermediate)
-    if "vanilla" in modules:
-        modules["naive masked loop (vanilla)"] = NaiveLoop(modules["vanilla"])
-        activated["naive masked loop (vanilla)"] = activated["vanilla"]
-    top_k = max(variant_config(n).top_k for n in args.variants.split(","))
-    modules["dense (same activated FFN)"] = Dense(hidden, intermediate * top_k)
-    activated["dense (same activated FFN)"] = 3 * hidden * intermediate * top_k
+        capacity[name] = "dropless"
 
     modality_BL, context_BL = token_layout(args.tokens, args.seq_len)
+    modality_T = modality_BL.reshape(-1)
     x = torch.randn(modality_BL.numel(), hidden)
-    x = (x / x.square().mean(-1, keepdim=True).sqrt()).requires_grad_()  # unit RMS, as after the decoder's norm
+    x = x / x.square().mean(-1, keepdim=True).sqrt()  # unit RMS, as after the decoder's norm
+    if args.router_skew:
+        x = skew_routing(x, modules[VANILLA].block.routers["all"], args.router_skew)
+    x.requires_grad_()
     ctx = TokenContext(tuple(modality_BL.shape), context_BL, modality_BL)
-    seconds = time_variants(modules, x, modality_BL.reshape(-1), ctx, args.repeats, args.warmup)
+    drops = {name: native_drops(module.block, x, modality_T, ctx) for name, module in modules.items()}
 
-    reference = seconds.get("vanilla")
+    ds_version, ds_rows = "", []
+    if VANILLA in modules:
+        vanilla = modules[VANILLA].block
+        if capacities:
+            ds_version = init_single_process()
+        for cf in capacities:
+            name = f"deepspeed {ds_version} MoE, cf={cf}"
+            modules[name] = Block(deepspeed_twin(vanilla, hidden, intermediate, cf))
+            drops[name] = deepspeed_drops(modules[name].block, vanilla, x, modality_T)
+            activated[name], capacity[name] = activated[VANILLA], str(cf)
+            ds_rows.append(name)
+        modules[NAIVE] = NaiveLoop(modules[VANILLA])
+        activated[NAIVE], capacity[NAIVE] = activated[VANILLA], "dropless"
+    top_k = max(variant_config(n).top_k for n in variants)
+    modules[DENSE] = Dense(hidden, intermediate * top_k)
+    activated[DENSE], capacity[DENSE] = 3 * hidden * intermediate * top_k, "-"
+
+    seconds = time_variants(modules, x, modality_T, ctx, args.repeats, args.warmup)
+
+    reference = seconds.get(VANILLA)
+    routing = f"router skewed by {args.router_skew:g} nats" if args.router_skew else "balanced random router"
+    experts = f", E={modules[VANILLA].block.num_experts}" if VANILLA in modules else ""
     lines = [
-        f"### MoE block forward+backward, T={args.tokens}, D={hidden}, F={intermediate}, fp32, CPU",
+        f"### MoE block forward+backward, T={args.tokens}, D={hidden}, F={intermediate}{experts}, top-{top_k}, fp32, "
+        f"CPU, {routing}",
         "",
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, torch {torch.__version__}; "
-        f"{machine()}. Tokens: sequences of {args.seq_len} (1/4 image, 1/8 answer); median of {args.repeats} "
-        f"interleaved repeats after {args.warmup} warm-up rounds.",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, torch {torch.__version__}"
+        f"{f', deepspeed {ds_version}' if ds_version else ''}; {machine()}. Tokens: sequences of {args.seq_len} "
+        f"(1/4 image, 1/8 answer); median of {args.repeats} interleaved repeats after {args.warmup} warm-up rounds.",
         f"Command: `python benchmarks/moe_block.py {' '.join(sys.argv[1:])}`",
         "",
-        "| block | activated FFN params / token | fwd+bwd ms | tokens/s | time vs vanilla |",
-        "| --- | --- | --- | --- | --- |",
+        "| block | activated FFN params / token | capacity factor | dropped assignments (tokens losing all k) "
+        "| fwd+bwd ms | tokens/s | time vs vanilla |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in seconds.items():
         ratio = f"{s / reference:.2f}x" if reference else "-"
-        lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} |")
+        lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {capacity[name]} | {drops.get(name, '-')} | "
+                     f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} |")
+    if reference:
+        summary = [f"{reference / seconds[DENSE]:.2f}x the dense FFN's time"]
+        summary += [f"{seconds[n] / reference:.2f}x the tokens/s of {n} (dropping {100 * drops[n].assignments:.2f} %)"
+                    for n in ds_rows]
+        lines += ["", f"Vanilla block, dropping {100 * drops[VANILLA].assignments:.2f} % of assignments: "
+                  f"{'; '.join(summary)}."]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

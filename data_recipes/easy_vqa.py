@@ -52,9 +52,7 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -63,8 +61,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import recipe_common  # data_recipes/recipe_common.py (see its docstring for how it is found)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from webdataset import TarWriter
 
 
 def _import_easy_vqa_package() -> ModuleType:
@@ -374,15 +372,11 @@ def qa_samples(source_split: str, pairs: Sequence[Pair], pngs: dict[int, bytes])
 
 def write_shards(out_dir: Path, prefix: str, samples: Sequence[Sample], images_per_shard: int) -> list[str]:
     """Write ``<prefix>-%06d.tar`` shards of ``images_per_shard`` samples; returns the file names."""
-    files = []
-    for shard_index, start in enumerate(range(0, len(samples), images_per_shard)):
-        name = f"{prefix}-{shard_index:06d}.tar"
-        # mtime=0: TarWriter otherwise stamps every member with the current time, breaking reproducibility.
-        with open(out_dir / name, "wb") as stream, TarWriter(stream, encoder=False, mtime=0) as writer:
-            for sample in samples[start : start + images_per_shard]:
-                writer.write({"__key__": sample.key, "png": sample.png, "json": json.dumps(sample.meta).encode()})
-        files.append(name)
-    return files
+    sink = recipe_common.ShardSink(out_dir, prefix, images_per_shard)
+    for sample in samples:
+        sink.write({"__key__": sample.key, "png": sample.png, "json": json.dumps(sample.meta).encode()})
+    sink.close()
+    return [shard["file"] for shard in sink.shards]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -485,36 +479,9 @@ def _progress(name: str, entry: dict[str, Any]) -> None:
     print(f"[{RECIPE}] {name}: {entry['images']} images, {entry[unit]} {unit}, {entry['shards']} shards", flush=True)
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    """The recipe manifest in ``out``, or None if there is none (or it is not this recipe's)."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("recipe") == RECIPE else None
-
-
-def _up_to_date(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest if ``out`` was built with ``params`` and none of its files is missing."""
-    manifest = _read_manifest(out)
-    if manifest is None or manifest.get("params") != params:
-        return None
-    files = [name for entry in manifest["splits"].values() for name in entry["files"]]
-    files.append(manifest["tokenizer"]["file"])
-    return manifest if all((out / name).is_file() for name in files) else None
-
-
-def _move_into_place(built: Path, out: Path) -> None:
-    """Replace ``out`` with ``built``; ``out`` never holds a partial dataset."""
-    os.chmod(built, 0o755)  # mkdtemp creates it 0700; the dataset should be as readable as any directory
-    if out.exists():
-        # os.replace onto an empty directory replaces it (POSIX), so mkdtemp gives a fresh, unique name.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old)
-        os.replace(built, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, out)
+def _files(manifest: dict[str, Any]) -> list[str]:
+    """The files a complete build holds, besides the manifest."""
+    return [name for entry in manifest["splits"].values() for name in entry["files"]] + [manifest["tokenizer"]["file"]]
 
 
 def check_params(cp_major_fraction: float, images_per_shard: int, vocab_size: int) -> None:
@@ -547,24 +514,11 @@ def build(
         "images_per_shard": images_per_shard,
         "vocab_size": vocab_size,
     }
-    if not force:
-        existing = _up_to_date(out, params)
-        if existing is not None:
-            print(f"[{RECIPE}] {out}: up to date (use --force to rebuild)")
-            return existing
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _read_manifest(out) is None)):
-        raise FileExistsError(f"{out} exists and is not an {RECIPE} dataset; refusing to replace it")
-
+    existing = recipe_common.existing_build(out, RECIPE, params, _files, force, f"an {RECIPE} dataset")
+    if existing is not None:
+        return existing
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built next to ``out`` (same file system) so that the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        manifest = _build_into(staging, params)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    manifest = recipe_common.build_atomically(out, lambda staging: _build_into(staging, params))
     _print_summary(out, manifest, time.perf_counter() - started)
     return manifest
 

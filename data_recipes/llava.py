@@ -47,9 +47,7 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -58,9 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import recipe_common  # data_recipes/recipe_common.py (see its docstring for how it is found)
 from PIL import Image
 from tqdm import tqdm
-from webdataset import TarWriter
 
 RECIPE = "llava"
 # Bump when the output format or content changes, so that existing outputs stop counting as up to date.
@@ -189,32 +187,6 @@ def convert(index: int, record: Any, image_root: Path, prefix: str, folders: boo
     return Converted(index, record_id, sample=sample, images=images, folder=folder)
 
 
-class ShardSink:
-    """Writes ``<prefix>-%06d.tar`` shards of ``samples_per_shard`` samples, one open shard at a time."""
-
-    def __init__(self, out_dir: Path, prefix: str, samples_per_shard: int):
-        self.out_dir, self.prefix, self.samples_per_shard = out_dir, prefix, samples_per_shard
-        self.shards: list[dict[str, Any]] = []
-        self._stream = self._writer = None
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None or self.shards[-1]["samples"] >= self.samples_per_shard:
-            self.close()
-            name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._stream = open(self.out_dir / name, "wb")
-            # mtime=0: TarWriter otherwise stamps every member with the current time, breaking reproducibility.
-            self._writer = TarWriter(self._stream, encoder=False, mtime=0)
-            self.shards.append({"file": name, "samples": 0})
-        self._writer.write(sample)
-        self.shards[-1]["samples"] += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._stream.close()
-            self._stream = self._writer = None
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
     for start in range(0, len(items), size):
         yield start, items[start : start + size]
@@ -228,7 +200,7 @@ def _build_into(out_dir: Path, records: list[Any], image_root: Path, params: dic
     skipped = Counter({reason: 0 for reason in SKIP_REASONS})
     examples: dict[str, list[dict[str, Any]]] = {}
     by_folder: Counter[str] = Counter()
-    sink = ShardSink(out_dir, prefix, params["samples_per_shard"])
+    sink = recipe_common.ShardSink(out_dir, prefix, params["samples_per_shard"])
     progress = tqdm(total=len(records), desc=f"[{RECIPE}] {prefix}", unit="sample", mininterval=1.0,
                     dynamic_ncols=True, file=sys.stderr)
     # Images are read and decoded by a thread pool (PIL releases the GIL while decoding), in bounded ordered
@@ -274,34 +246,9 @@ def _build_into(out_dir: Path, records: list[Any], image_root: Path, params: dic
     return manifest
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    """The recipe manifest in ``out``, or None if there is none (or it is not this recipe's)."""
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("recipe") == RECIPE else None
-
-
-def _up_to_date(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest if ``out`` was built with ``params`` and none of its shards is missing."""
-    manifest = _read_manifest(out)
-    if manifest is None or manifest.get("params") != params:
-        return None
-    return manifest if all((out / shard["file"]).is_file() for shard in manifest["shards"]) else None
-
-
-def _move_into_place(built: Path, out: Path) -> None:
-    """Replace ``out`` with ``built``; ``out`` never holds a partial dataset."""
-    os.chmod(built, 0o755)  # mkdtemp creates it 0700; the dataset should be as readable as any directory
-    if out.exists():
-        # os.replace onto an empty directory replaces it (POSIX), so mkdtemp gives a fresh, unique name.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old)
-        os.replace(built, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, out)
+def _files(manifest: dict[str, Any]) -> list[str]:
+    """The files a complete build holds, besides the manifest."""
+    return [shard["file"] for shard in manifest["shards"]]
 
 
 def check_params(prefix: str, samples_per_shard: int) -> None:
@@ -343,13 +290,9 @@ def build(
         "prefix": prefix,
         "samples_per_shard": samples_per_shard,
     }
-    if not force:
-        existing = _up_to_date(out, params)
-        if existing is not None:
-            print(f"[{RECIPE}] {out}: up to date (use --force to rebuild)")
-            return existing
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _read_manifest(out) is None)):
-        raise FileExistsError(f"{out} exists and is not a {RECIPE} shard set; refusing to replace it")
+    existing = recipe_common.existing_build(out, RECIPE, params, _files, force, f"a {RECIPE} shard set")
+    if existing is not None:
+        return existing
     records = json.loads(raw)
     del raw
     if not isinstance(records, list):
@@ -361,15 +304,8 @@ def build(
               file=sys.stderr)
 
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built next to ``out`` (same file system) so that the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        manifest = _build_into(staging, records, images, params, workers, bool(folders))
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    manifest = recipe_common.build_atomically(
+        out, lambda staging: _build_into(staging, records, images, params, workers, bool(folders)))
     _print_summary(out, manifest, time.perf_counter() - started)
     return manifest
 

@@ -1,26 +1,29 @@
 """One rank of the expert-parallel tests (tests/test_ep.py starts two with torchrun, gloo, CPU).
 
 ``numerics``: for vanilla, moiie and asymoe, an EP=2 block (all-to-all dispatch, half the experts per rank) against
-the EP=1 block it was cut from, on the same global batch split unevenly over the ranks: outputs, input gradients and
-the gradient of every parameter (expert ones gathered, replicated ones summed over ranks). Then randomized trials of
-uneven and zero token counts per rank and per modality (text-only ranks, image-only ranks, ranks with nothing but
-padding, ranks with no sequence at all), each checked the same way, DeepSpeed's MoE layer (the deepspeed backend)
-on uneven batches against the native vanilla block, and the whole model training with EP=2 and ZeRO-2 while one
-rank's batches hold no image. Prints one JSON line per rank.
+the EP=1 block it was cut from, on the same global batch split unevenly over the ranks: outputs, input gradients,
+the gradient of every parameter (expert ones gathered, replicated ones summed over ranks) and the global gradient
+norm (``grad_norm``, every expert counted once). Then randomized trials of uneven and zero token counts per rank
+and per modality (text-only ranks, image-only ranks, ranks with nothing but padding, ranks with no sequence at all),
+each checked the same way, DeepSpeed's MoE layer (the deepspeed backend) on uneven batches against the native
+vanilla block, and the whole model training with EP=2 and ZeRO-2 while one rank's batches hold no image.
 
-``mismatch``: rank 0 runs one MoE layer more than rank 1; rank 0 must fail within the expert-parallel timeout with
-an error naming its rank and the layer.
+Then ``mismatch``: rank 0 runs one MoE layer more than rank 1; rank 0 must fail within the expert-parallel timeout
+with an error naming its rank and the layer. One launch runs both (``ep_worker.py EP_TIMEOUT_S MISMATCH_TIMEOUT_S``),
+as every launch costs each rank its imports.
 
 # B sequences, T positions, D model dim
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,7 +37,13 @@ from asymoe_train.config.schema import (
     RouterConfig,
 )
 from asymoe_train.distributed.engine import init_distributed
-from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, group_timeout, init_expert_parallel
+from asymoe_train.distributed.expert_parallel import (
+    AllToAllDispatcher,
+    grad_norm,
+    group_timeout,
+    init_expert_parallel,
+    mark_expert_parameters,
+)
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.evidence import TokenContext
@@ -123,6 +132,7 @@ def compare(reference: MoEBlock, block: MoEBlock, batch: dict, rows: slice, ep) 
     diffs = {"output": (y - ref_y[rows]).abs().max().item() if y.numel() else 0.0,
              "input_grad": (dx - ref_dx[rows]).abs().max().item() if dx.numel() else 0.0}
     experts = dict(block.expert_parameters())
+    mark_expert_parameters(experts.values(), ep)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     worst, missing = 0.0, []
     for name, p in block.named_parameters():
@@ -133,12 +143,16 @@ def compare(reference: MoEBlock, block: MoEBlock, batch: dict, rows: slice, ep) 
         else:
             grad = grad.clone()
             dist.all_reduce(grad)  # each rank holds the gradient of its own tokens
+            p.grad = grad  # reduced, as DeepSpeed leaves it for clipping
         if p.grad is None and ref.abs().max() > 0:
             missing.append(name)
         worst = max(worst, (grad - ref).abs().max().item())
     diffs["param_grad"] = worst
     diffs["params"] = len(ref_grads)
     assert not missing, missing
+    # the global gradient norm (clipping, logging) counts every expert once, as on one rank
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters() if p.grad is not None]).item()
+    diffs["grad_norm"] = abs(grad_norm(block.parameters(), ep).item() - ref_norm) / max(ref_norm, 1.0)
     reference.zero_grad(set_to_none=True)
     block.zero_grad(set_to_none=True)
     return diffs
@@ -187,7 +201,7 @@ def numerics(ep) -> dict:
         start = 0 if rank == 0 else seqs[0] * length
         rows = slice(start, start + seqs[rank] * length)
         diffs = compare(reference, block, batch, rows, ep)
-        worst = max(worst, diffs["output"], diffs["input_grad"], diffs["param_grad"])
+        worst = max(worst, diffs["output"], diffs["input_grad"], diffs["param_grad"], diffs["grad_norm"])
         counts = {k: int((batch["modality"][rows.start // length : rows.stop // length] == v).sum())
                   for k, v in (("text", TEXT), ("image", IMAGE))}
         trials.append({"variant": name, "seqs": seqs, "kinds": trial_kinds, "length": length, **counts})
@@ -245,7 +259,10 @@ def text_only_rank(ep) -> list[float]:
     return losses
 
 
-def mismatch(ep) -> dict:
+def mismatch(ep, timeout_s: int) -> dict:
+    # on an expert-parallel group of its own, with a short timeout (the numerics check that init_expert_parallel
+    # gives its groups engine.ep_timeout_s)
+    ep = dataclasses.replace(ep, group=dist.new_group(list(range(ep.size)), timeout=timedelta(seconds=timeout_s)))
     cfg = variant("moiie")
     block = parallel_block(reference_block(cfg, seed=3), cfg, AllToAllDispatcher(ep))
     block.name = "lm.model.layers.3.mlp"
@@ -266,12 +283,13 @@ def mismatch(ep) -> dict:
 
 
 def main() -> None:
-    case, ep_timeout = sys.argv[1], int(sys.argv[2])
+    ep_timeout, mismatch_timeout = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
     engine = EngineConfig(ep_size=2, ep_timeout_s=ep_timeout, dist_timeout_s=120)
     init_distributed(engine)
     ep = init_expert_parallel(engine)
-    result = {"numerics": numerics, "mismatch": mismatch}[case](ep)
+    result = numerics(ep)
+    result["mismatch"] = mismatch(ep, mismatch_timeout)  # last: it leaves a collective unmatched
     print("RESULT " + json.dumps(result), flush=True)
     # leave without tearing the groups down: after a mismatch the peer may be gone
     sys.stdout.flush()

@@ -11,35 +11,23 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import CHAT_SPECIALS, chat_tokenizer_dir, image_bytes, write_bpe_tokenizer
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from asymoe_train.config.schema import DataConfig
 from asymoe_train.data.conversation import IGNORE, ConversationEncoder, MalformedSample, turns
-from asymoe_train.data.pipeline import SampleDecoder, eval_batches, train_loader
+from asymoe_train.data.pipeline import SampleDecoder, answer_balance_weights, eval_batches, train_loader
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, PAD, TEXT
+from asymoe_train.training.losses import lm_loss_sum
 
 NUM_IMAGE_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> TextTokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["USER: what color is the shape?\nASSISTANT: blue red circle yes no"] * 10, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return TextTokenizer(str(path))
-
-
-def png(color=(255, 0, 0), size=64) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return TextTokenizer(write_bpe_tokenizer(path, "USER: what color is the shape?\nASSISTANT: blue red circle yes no"))
 
 
 def conversation(*pairs):
@@ -72,6 +60,97 @@ def test_multi_turn_supervises_every_answer(tokenizer):
     assert [t for t in seq.labels if t != IGNORE] == expected
 
 
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory) -> TextTokenizer:
+    return TextTokenizer(chat_tokenizer_dir(tmp_path_factory.mktemp("chat_tok")))
+
+
+def test_chat_template_renders_the_conversation_and_supervises_only_answers(chat_tokenizer):
+    tok = chat_tokenizer
+    im_end = tok.encode("<|im_end|>")[0]
+    assert tok.chat_template and tok.bos_id is None
+    assert tok.eos_id == im_end  # the template's end of turn, not eos_token (<|endoftext|>): generation stops there
+    assert tok.pad_id == tok.encode("<|endoftext|>")[0] and tok.image_id == tok.encode("<image>")[0]
+    enc = ConversationEncoder(tok, "auto", NUM_IMAGE_TOKENS)
+    assert enc.template_name == "chat"
+    pairs = [("<image>\nwhat color is the shape?", "blue"), ("is it a circle?", "yes")]
+    seq = enc.encode(pairs)
+
+    # Expected, written out by hand: (text or image, supervised)
+    pieces = [
+        ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", False),
+        (None, False),
+        ("\nwhat color is the shape?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("blue<|im_end|>", True),
+        ("\n<|im_start|>user\nis it a circle?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("yes<|im_end|>", True),
+        ("\n", False),
+    ]
+    ids, labels, modality = [], [], []
+    for text, supervised in pieces:
+        piece = [tok.image_id] * NUM_IMAGE_TOKENS if text is None else tok.encode(text)
+        ids += piece
+        labels += piece if supervised else [IGNORE] * len(piece)
+        modality += [IMAGE if text is None else TEXT] * len(piece)
+    assert seq.input_ids == ids and seq.labels == labels and seq.modality == modality
+    assert [t for t in seq.labels if t != IGNORE] == tok.encode("blue") + [im_end] + tok.encode("yes") + [im_end]
+
+    # The same ids as transformers' own rendering and tokenisation of the whole conversation, <image> expanded.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok.path, local_files_only=True)
+    messages = [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
+    whole = hf.encode(hf.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    expanded = [i for t in whole for i in ([t] * NUM_IMAGE_TOKENS if t == tok.image_id else [t])]
+    assert seq.input_ids == expanded
+
+    # A generation prompt ends with the assistant header of the last turn; the first turn alone is a prefix.
+    prompt = enc.encode(pairs, with_last_answer=False)
+    assert prompt.input_ids == ids[: len(ids) - len(tok.encode("yes<|im_end|>\n"))]
+    header = tok.encode("<|im_start|>assistant\n")
+    assert prompt.input_ids[-len(header):] == header and all(t == IGNORE for t in prompt.labels[-len(header) - 2:])
+    first = enc.encode(pairs[:1])
+    assert seq.input_ids[: len(first.input_ids)] == first.input_ids and first.labels == labels[: len(first.labels)]
+
+
+def test_chat_template_through_the_pipeline(chat_tokenizer):
+    """Split turns of a shard sample, each a one-turn chat whose answer and <|im_end|> are the supervised tokens."""
+    decoder = SampleDecoder(ConversationEncoder(chat_tokenizer, "chat", NUM_IMAGE_TOKENS), 32, 96, True)
+    batch = next(decoder.batches(iter([good_sample(0)]), images_per_batch=1, seqs_per_batch=0, prompt_only=False))
+    im_end = chat_tokenizer.eos_id
+    assert batch.answers == ["red", "yes", "circle"]
+    for row, answer in enumerate(batch.answers):
+        supervised = [t for t in batch.labels_BT[row].tolist() if t != IGNORE]
+        assert supervised == chat_tokenizer.encode(answer) + [im_end]
+        assert int((batch.modality_BT[row] == IMAGE).sum()) == NUM_IMAGE_TOKENS
+
+
+def test_template_choice_and_its_errors(tmp_path, tokenizer, chat_tokenizer):
+    # auto without a chat template (the demo's tokenizer.json) is plain, token for token
+    pairs = [("<image>\nwhat color is the shape?", "blue")]
+    auto = ConversationEncoder(tokenizer, "auto", NUM_IMAGE_TOKENS)
+    assert auto.template_name == "plain"
+    assert auto.encode(pairs) == ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS).encode(pairs)
+    # a named template wins over the tokenizer's chat template; eos is then the end-of-turn token
+    plain = ConversationEncoder(chat_tokenizer, "plain", NUM_IMAGE_TOKENS).encode(pairs)
+    assert plain.input_ids[:2] == chat_tokenizer.encode("USER:")[:2]  # no bos: this tokenizer has none
+    assert [t for t in plain.labels if t != IGNORE] == chat_tokenizer.encode("blue") + [chat_tokenizer.eos_id]
+    with pytest.raises(ValueError, match="data.template=chat but data.tokenizer"):
+        ConversationEncoder(tokenizer, "chat", NUM_IMAGE_TOKENS)
+    with pytest.raises(ValueError, match=r"data.template='vicuna' is unknown; expected one of \['auto', 'chat'"):
+        ConversationEncoder(tokenizer, "vicuna", NUM_IMAGE_TOKENS)
+    # a template that does not render conversations incrementally cannot be split into prompts and answers
+    last_only = "{{ messages[-1]['content'] }}<|im_end|>"
+    with pytest.raises(ValueError, match="cannot be used for training.*use data.template=plain"):
+        ConversationEncoder(TextTokenizer(chat_tokenizer_dir(tmp_path / "last_only", last_only)), "auto", 1)
+    # a tokenizer directory without <image>
+    no_image = tmp_path / "no_image"
+    chat_tokenizer_dir(no_image)
+    write_bpe_tokenizer(no_image / "tokenizer.json", "user assistant", specials=CHAT_SPECIALS[:3])
+    with pytest.raises(ValueError, match="has no '<image>' token; add it"):
+        TextTokenizer(str(no_image))
+
+
 def test_malformed_conversations_raise():
     with pytest.raises(MalformedSample):
         turns([{"from": "human", "value": "q"}])
@@ -88,7 +167,7 @@ def write_shards(directory, samples, per_shard=3):
 
 def good_sample(i):
     pairs = [("what color is the shape?", "red"), ("is there a circle?", "yes"), ("what is the red shape?", "circle")]
-    return {"__key__": f"s{i:04d}", "png": png(), "json": json.dumps({
+    return {"__key__": f"s{i:04d}", "png": image_bytes(), "json": json.dumps({
         "conversations": conversation(*pairs), "family": ["colour", "yes/no", "shape"],
         "answer": [a for _, a in pairs]}).encode()}
 
@@ -215,7 +294,7 @@ def test_turn_caps_keep_at_most_n_turns_of_a_family(tmp_path, tokenizer):
     samples = []
     for i in range(4):
         pairs = [("what color is the shape?", "red")] + [(f"is there a circle {k}?", "yes") for k in range(5)]
-        samples.append({"__key__": f"s{i}", "png": png(), "json": json.dumps({
+        samples.append({"__key__": f"s{i}", "png": image_bytes(), "json": json.dumps({
             "conversations": conversation(*pairs), "family": ["colour"] + ["yes/no"] * 5}).encode()})
     write_shards(tmp_path, samples)
     data = DataConfig(root=str(tmp_path), num_workers=0, shuffle_buffer=1)
@@ -253,15 +332,50 @@ def test_dihedral_augmentation_covers_the_eight_symmetries_and_never_touches_eva
 
 
 def test_more_images_than_the_model_takes_are_skipped_and_counted(tmp_path, tokenizer):
-    placeholders = {"__key__": "two_placeholders", "png": png(), "json": json.dumps({"conversations": [
+    placeholders = {"__key__": "two_placeholders", "png": image_bytes(), "json": json.dumps({"conversations": [
         {"from": "human", "value": "<image>\nq one"}, {"from": "gpt", "value": "red"},
         {"from": "human", "value": "<image>\nq two"}, {"from": "gpt", "value": "blue"}]}).encode()}
-    files = {"__key__": "two_files", "png": png(), "1.png": png((0, 255, 0)),
+    files = {"__key__": "two_files", "png": image_bytes(), "1.png": image_bytes((0, 255, 0)),
              "json": json.dumps({"conversations": conversation(("q", "red"))}).encode()}
-    good = {"__key__": "good", "png": png(), "json": json.dumps({"conversations": conversation(("q", "red"))}).encode()}
+    good = {"__key__": "good", "png": image_bytes(), "json": json.dumps({"conversations": conversation(("q", "red"))}).encode()}
     encoder = ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS)
     for split_turns in (False, True):
         decoder = SampleDecoder(encoder, 32, 96, split_turns)
         (batch,) = decoder.batches(iter([placeholders, files, good]), 10, 0, prompt_only=False)
         assert batch.keys == ["good"]
         assert batch.skipped == {"too_many_images": 2}
+
+
+def test_answer_balance_weights_equalise_answers_within_each_group(tmp_path, tokenizer):
+    # qtype "is there a circle?": 6 yes, 2 no; "what color?": 4 red, 4 blue (already balanced)
+    samples = []
+    for i in range(8):
+        pairs = [("is there a circle?", "yes" if i < 6 else "no"), ("what color is the shape?", "red" if i < 4 else
+                                                                    "blue")]
+        samples.append({"__key__": f"s{i:04d}", "png": image_bytes(), "json": json.dumps({
+            "conversations": conversation(*pairs), "qtype": ["circle?", "color?"]}).encode()})
+    write_shards(tmp_path, samples)
+    data = DataConfig(root=str(tmp_path), sources={"qa": "qa-*.tar"}, answer_balance="qtype", answer_balance_max=2.5)
+    weights = answer_balance_weights(data, "qa-*.tar")
+    # n_g / (K_g n_ga): yes 8 / (2 * 6), no 8 / (2 * 2) = 2, red and blue 1
+    assert weights == {("circle?", "yes"): pytest.approx(8 / 12), ("circle?", "no"): 2.0,
+                       ("color?", "red"): 1.0, ("color?", "blue"): 1.0}
+    assert sum(weights[("circle?", a)] * n for a, n in (("yes", 6), ("no", 2))) == pytest.approx(8)  # group total
+    assert answer_balance_weights(DataConfig(**{**data.__dict__, "answer_balance_max": 1.5}), "qa-*.tar")[
+        ("circle?", "no")] == 1.5  # capped
+    assert answer_balance_weights(DataConfig(**{**data.__dict__, "answer_balance": "family"}), "qa-*.tar") == {}
+
+    decoder = SampleDecoder(ConversationEncoder(tokenizer, "plain", NUM_IMAGE_TOKENS), 32, 96, split_turns=True)
+    decoder.answer_field, decoder.answer_weights = "qtype", weights
+    batch = next(decoder.batches(iter(wds.DataPipeline(wds.SimpleShardList(sorted(
+        str(p) for p in tmp_path.glob("qa-*.tar"))), wds.tarfile_to_samples())), 8, 0, prompt_only=False))
+    expected = [weights[(m["qtype"], a)] for m, a in zip(batch.meta, batch.answers, strict=True)]
+    assert batch.weight_B.tolist() == pytest.approx(expected)
+
+    # the weighted L_lm: each sequence's token losses times its weight, over the unweighted token count
+    logits = torch.randn(*batch.labels_BT.shape, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    weighted, count = lm_loss_sum(logits, batch.labels_BT, batch.weight_B)
+    per_sequence = [lm_loss_sum(logits[b : b + 1], batch.labels_BT[b : b + 1])[0] for b in range(len(expected))]
+    assert float(weighted) == pytest.approx(float(sum(w * s for w, s in zip(expected, per_sequence, strict=True))),
+                                            rel=1e-5)
+    assert count == lm_loss_sum(logits, batch.labels_BT)[1]

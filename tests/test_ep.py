@@ -1,15 +1,18 @@
 """Expert parallelism: two gloo processes on CPU (OMP_NUM_THREADS=1), each launch under a hard timeout that kills its
 whole process group (``run_group``), plus in-process checks of partitioning, consolidated weights and validation.
 
-* EP=2 equals EP=1 on the same global batch (outputs, input gradients, every parameter's gradient) for vanilla, moiie
-  and asymoe, and over 20 randomized trials of uneven and zero token counts per rank and per modality; DeepSpeed's MoE
-  layer (``model.moe.backend=deepspeed``) runs the same uneven batches and gives the native block's outputs; the
-  whole model trains with EP=2 and ZeRO-2 while one rank's batches hold no image;
+* EP=2 equals EP=1 on the same global batch (outputs, input gradients, every parameter's gradient, the global
+  gradient norm) for vanilla, moiie and asymoe, and over 20 randomized trials of uneven and zero token counts per
+  rank and per modality; DeepSpeed's MoE layer (``model.moe.backend=deepspeed``) runs the same uneven batches and
+  gives the native block's outputs; the whole model trains with EP=2 and ZeRO-2 while one rank's batches hold no
+  image;
 * a rank that skips an MoE layer makes the other fail within the expert-parallel timeout, naming rank and layer;
-* the demo trained by 2 processes with EP=2 and ZeRO-2 has the per-step LM loss of 1 process at the same global
-  batch, writes one run directory, one W&B run and consolidated weights;
+* the demo trained by 2 processes with EP=2 and ZeRO-2 (gradients clipped at 1.0) has the per-step LM loss and
+  gradient norm of 1 process at the same global batch, writes one run directory, one W&B run and consolidated
+  weights;
 * a ZeRO-0 checkpoint of the 1-process run resumes on 2 ranks with EP=2, and one of that run on 1 rank with EP=1,
-  both continuing the 1-process losses, the optimizer state resharded by parameter name.
+  both continuing the 1-process losses and gradient norms (ZeRO-0 clipping), the optimizer state resharded by
+  parameter name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -40,20 +42,23 @@ from asymoe_train.training.checkpoint import (
     reshard_optimizer_state,
     save_weights,
 )
-from asymoe_train.training.trainer import Trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ep_worker.py")
 TOLERANCE = 1e-5  # fp32, EP=2 against EP=1
 LOSS_TOLERANCE = 1e-4  # per-step LM loss, 2 processes against 1
-# The demo, short: 3 align steps, 20 instruct steps, no evaluation. Clipping is off: with expert parallelism DeepSpeed
-# counts each rank's own experts in the gradient norm (its MoE convention), so clipped steps differ from EP=1.
+MISMATCH_TIMEOUT_S = 4  # expert-parallel collective timeout of the mismatch case
+GRAD_NORM_RTOL = 1e-4  # logged gradient norm, 2 processes against 1 (counting only a rank's experts: ~2e-3 here)
+# The demo, short: 3 align steps, 20 instruct steps, no evaluation, clipping at the demo's 1.0. The balance loss is
+# off: it is computed per rank from that rank's routing (the LM loss is normalised globally, auxiliary terms are not),
+# so with it 2 ranks optimise a different objective than 1 (measured: 3.6e-4 apart by step 18 with clipping, with or
+# without expert parallelism).
 DEMO = [
     "experiment=demo", "curriculum.stages.align.steps=3", "curriculum.stages.align.warmup_steps=1",
     "curriculum.stages.instruct.steps=20", "curriculum.stages.instruct.warmup_steps=2",
     "curriculum.stages.align.eval=false", "curriculum.stages.instruct.eval=false", "logger.log_every=1",
-    "logger.progress=false", "engine.grad_clip=0", "data.shuffle_buffer=20", "checkpoint.every_steps=5",
-    "checkpoint.keep_last=4",
+    "logger.progress=false", "curriculum.stages.instruct.losses.balance=0", "data.shuffle_buffer=20",
+    "checkpoint.every_steps=5", "checkpoint.keep_last=4",
 ]
 ONE_RANK = ["curriculum.stages.align.batch_size=8", "curriculum.stages.instruct.batch_size=8"]
 TWO_RANKS = ["curriculum.stages.align.batch_size=4", "curriculum.stages.instruct.batch_size=4", "engine.ep_size=2"]
@@ -89,9 +94,23 @@ def results(proc) -> dict[int, dict]:
     return {row["rank"]: row for row in rows}
 
 
-def lm_losses(run_dir) -> dict[int, float]:
+def logged(run_dir, key: str = "loss/lm") -> dict[int, float]:
+    """One metric by global step."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss/lm"] for r in map(json.loads, f) if "loss/lm" in r}
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def lm_losses(run_dir) -> dict[int, float]:
+    return logged(run_dir)
+
+
+def assert_matches(run_dir, reference_dir) -> None:
+    """Per step, the LM loss within LOSS_TOLERANCE and the gradient norm within GRAD_NORM_RTOL of the reference's."""
+    losses, reference = lm_losses(run_dir), lm_losses(reference_dir)
+    assert max(abs(losses[s] - reference[s]) for s in losses) < LOSS_TOLERANCE, (losses, reference)
+    norms, reference = logged(run_dir, "grad_norm"), logged(reference_dir, "grad_norm")
+    assert sorted(norms) == sorted(losses)
+    assert max(abs(norms[s] / reference[s] - 1) for s in norms) < GRAD_NORM_RTOL, (norms, reference)
 
 
 def demo_model(demo_data: str, dispatcher=None):
@@ -111,18 +130,25 @@ def checkpoint(run_dir, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- two processes
-@pytest.mark.distributed
-def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts():
-    proc = torchrun(2, WORKER, "numerics", "60")
-    by_rank = results(proc)
+@pytest.fixture(scope="module")
+def ep_workers() -> dict[int, dict]:
+    """One 2-rank launch of tests/ep_worker.py (the numerics, then the mismatch): each rank's results."""
+    by_rank = results(torchrun(2, WORKER, "60", str(MISMATCH_TIMEOUT_S)))
     assert sorted(by_rank) == [0, 1]
+    return by_rank
+
+
+@pytest.mark.distributed
+def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts(ep_workers):
+    by_rank = ep_workers
     for rank, result in by_rank.items():
         # the expert groups take engine.ep_timeout_s, not torch's 30-minute default or dist_timeout_s (120 s)
         assert result["ep_timeout_s"] == result["edp_timeout_s"] == 60
         for name, params in (("vanilla", 4), ("moiie", 11), ("asymoe", 26)):
             diffs = result[name]
             assert diffs["params"] == params
-            assert max(diffs["output"], diffs["input_grad"], diffs["param_grad"]) < TOLERANCE, (rank, name, diffs)
+            worst = max(diffs["output"], diffs["input_grad"], diffs["param_grad"], diffs["grad_norm"])
+            assert worst < TOLERANCE, (rank, name, diffs)
         assert len(result["trials"]) == 20 and result["trials_max_diff"] < TOLERANCE
         assert result["deepspeed_backend_max_diff"] < TOLERANCE
         # a text-only batch on one rank, whole model, EP=2 and ZeRO-2: every step completes
@@ -137,14 +163,11 @@ def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts():
 
 
 @pytest.mark.distributed
-def test_a_rank_that_skips_a_layer_fails_fast_naming_rank_and_layer():
-    start = time.monotonic()
-    proc = torchrun(2, WORKER, "mismatch", "4")
-    error = results(proc)[0]
+def test_a_rank_that_skips_a_layer_fails_fast_naming_rank_and_layer(ep_workers):
+    error = ep_workers[0]["mismatch"]
     assert error["error"] is not None
     assert "rank 0" in error["error"] and "lm.model.layers.3.mlp" in error["error"]
-    assert error["seconds"] < 4 * 2  # the expert-parallel timeout, not torch's 30 minutes
-    assert time.monotonic() - start < 60
+    assert error["seconds"] < 2 * MISMATCH_TIMEOUT_S  # the expert-parallel timeout, not torch's 30 minutes
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +185,8 @@ def test_demo_on_two_ranks_with_ep2_and_zero2_matches_one_process(one_process, t
     run_dir = tmp_path / "two-0"
     proc = train(2, f"{tmp_path}/two-${{oc.env:RANK}}", *TWO_RANKS, "engine.zero_stage=2", "data.record_keys=true",
                  logger="offline")
-    reference, losses = lm_losses(one_process), lm_losses(run_dir)
-    assert sorted(losses) == sorted(reference) == list(range(1, 24))
-    worst = max(abs(losses[s] - reference[s]) for s in reference)
-    assert worst < LOSS_TOLERANCE, worst
+    assert sorted(lm_losses(run_dir)) == sorted(lm_losses(one_process)) == list(range(1, 24))
+    assert_matches(run_dir, one_process)  # ZeRO-2 clips in its optimizer, by a norm that counts every expert once
     # one run directory and one W&B run for the job, both rank 0's
     assert proc.stdout.count("run_dir: ") == 1
     assert len([d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-")]) == 1
@@ -184,18 +205,16 @@ def test_demo_on_two_ranks_with_ep2_and_zero2_matches_one_process(one_process, t
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero0_checkpoints_resume_from_ep1_on_ep2_and_back(one_process, tmp_path, demo_data):
-    reference = lm_losses(one_process)
     # 1 rank, EP=1 -> 2 ranks, EP=2
     two = tmp_path / "two"
-    train(2, two, *TWO_RANKS, f"resume={checkpoint(one_process, 'instruct-step0000005')}")
-    losses = lm_losses(two)
-    assert sorted(losses) == list(range(9, 24))  # the global steps after the checkpoint (3 align + 5)
-    assert max(abs(losses[s] - reference[s]) for s in losses) < LOSS_TOLERANCE
-    # its step-10 optimizer state, regrouped by name for 1 rank, is the 1-process run's at step 10
-    written = checkpoint(two, "instruct-step0000010")
+    train(2, two, *TWO_RANKS, f"resume={checkpoint(one_process, 'instruct-step0000010')}")
+    assert sorted(lm_losses(two)) == list(range(14, 24))  # the global steps after the checkpoint (3 align + 10)
+    assert_matches(two, one_process)  # ZeRO-0: clipped by expert_parallel.grad_norm, not DeepSpeed's
+    # its step-15 optimizer state, regrouped by name for 1 rank, is the 1-process run's at step 15
+    written = checkpoint(two, "instruct-step0000015")
     assert TrainerState.load(written).layout["ep_size"] == 2
     parts = [torch.load(os.path.join(written, f"optim_rank{r}.pt"), weights_only=True) for r in range(2)]
-    ref = torch.load(os.path.join(checkpoint(one_process, "instruct-step0000010"), "optim_rank0.pt"),
+    ref = torch.load(os.path.join(checkpoint(one_process, "instruct-step0000015"), "optim_rank0.pt"),
                      weights_only=True)
     model = demo_model(demo_data)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -210,9 +229,8 @@ def test_zero0_checkpoints_resume_from_ep1_on_ep2_and_back(one_process, tmp_path
     # 2 ranks, EP=2 -> 1 rank, EP=1
     one = tmp_path / "one"
     train(1, one, *ONE_RANK, f"resume={written}")
-    losses = lm_losses(one)
-    assert sorted(losses) == list(range(14, 24))
-    assert max(abs(losses[s] - reference[s]) for s in losses) < LOSS_TOLERANCE
+    assert sorted(lm_losses(one)) == list(range(19, 24))
+    assert_matches(one, one_process)
 
 
 # ------------------------------------------------------------------------------------------------------ in process
@@ -273,23 +291,3 @@ def test_validation_rejects_impossible_expert_parallel_configs(overrides, world_
                                        ["model/moe=vanilla", "model.moe.backend=deepspeed", "engine.ep_size=2"]])
 def test_validation_accepts_expert_parallel_configs(overrides, demo_data):
     validate(load(demo_data, "experiment=demo", *overrides), world_size=2)
-
-
-def layout(world_size: int, ep_size: int, zero_stage: int = 0, precision: str = "fp32") -> dict:
-    return {"world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage, "precision": precision}
-
-
-def test_layout_changes_are_refused_only_where_optimizer_state_cannot_be_regrouped():
-    def check(before: dict, after: dict, stage_done: bool = False) -> None:
-        state = TrainerState(stage="instruct", stage_index=1, step=5, global_step=8, stage_done=stage_done,
-                             layout=before)
-        Trainer.check_layout(SimpleNamespace(layout=after), state, "/ckpt")
-
-    check(layout(2, 2), layout(1, 1))  # ZeRO-0, fp32: resharded
-    check(layout(1, 1), layout(4, 2))
-    check(layout(2, 2, 2), layout(1, 1), stage_done=True)  # a stage end: only its weights are used
-    check(layout(2, 2, 2), layout(2, 2, 2))
-    with pytest.raises(ValueError, match=r"ZeRO-1/2 .*engine\.ep_size=2 .*torchrun --nproc-per-node 2"):
-        check(layout(2, 2, 2), layout(1, 1, 2))
-    with pytest.raises(ValueError, match="bf16"):
-        check(layout(2, 1, 0, "bf16"), layout(1, 1, 0, "bf16"))

@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 import torch
+from conftest import chat_tokenizer_dir
 from omegaconf import OmegaConf
 
 import asymoe_train
@@ -40,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "what is the shape in the image?"
 
 
-def run_config(variant: str, data_root: str, run_dir: str) -> TrainConfig:
+def run_config(variant: str, data_root: str, run_dir: str, tokenizer: str = "tokenizer.json") -> TrainConfig:
     """A tiny model of a conf/model/moe variant, in the two-stage curriculum (instruct upcycles)."""
     moe = OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(f"{ROOT}/conf/model/moe/{variant}.yaml"))
     model = ModelConfig(
@@ -53,7 +54,8 @@ def run_config(variant: str, data_root: str, run_dir: str) -> TrainConfig:
     stage = {"source": "qa", "steps": 1, "trainable": ["projector"]}
     cfg = TrainConfig(
         experiment="test", seed=3, run_dir=run_dir, model=model,
-        data=DataConfig(root=data_root, sources={"qa": "qa-train-*.tar"}, eval_sources={"test": "qa-test-*.tar"}),
+        data=DataConfig(root=data_root, tokenizer=tokenizer, sources={"qa": "qa-train-*.tar"},
+                        eval_sources={"test": "qa-test-*.tar"}),
         curriculum=CurriculumConfig(stages={"align": StageConfig(**stage),
                                             "instruct": StageConfig(**stage, upcycle=True)}),
         logger=LoggerConfig(mode="disabled", progress=False),
@@ -70,11 +72,11 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def fake_run(variant: str, data_root: str, run_dir: str):
+def fake_run(variant: str, data_root: str, run_dir: str, tokenizer: str = "tokenizer.json"):
     """A finished two-stage run as the trainer leaves it: config.yaml, and each stage's model built by
     ``Trainer.build_stage_model`` (perturbed as if trained) and saved as consolidated weights.
     Returns the config, tokenizer and each stage's model."""
-    cfg = run_config(variant, data_root, run_dir)
+    cfg = run_config(variant, data_root, run_dir, tokenizer)
     os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
     trainer = Trainer(cfg)
@@ -130,6 +132,29 @@ def test_exported_model_reproduces_the_training_model(variant, demo_data, tmp_pa
         expected = trained["instruct"](**batch.model_inputs()).logits_BTV
         got = model(**batch.model_inputs()).logits_BTV
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_a_run_with_a_chat_template_exports_its_tokenizer_directory(demo_data, tmp_path):
+    """data.tokenizer = a Hugging Face tokenizer directory with a chat template: the run trains on chat-formatted
+    text, the export carries the directory and the resolved template, and loads and answers the same way."""
+    run_dir = str(tmp_path / "run")
+    cfg, tok, trained = fake_run("moiie", demo_data, run_dir, chat_tokenizer_dir(tmp_path / "chat_tok"))
+    assert cfg.data.template == "auto" and tok.chat_template
+    out = export(run_dir)
+    assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "tokenizer"]
+    assert sorted(os.listdir(os.path.join(out, "tokenizer"))) == ["tokenizer.json", "tokenizer_config.json"]
+    model, tokenizer, meta = asymoe_train.load_pretrained(out)
+    assert meta.template == "chat" and meta.tokenizer == "tokenizer" and tokenizer.eos_id == tok.eos_id
+    batch = eval_batch(cfg, tok)
+    prompt = tok.decode(batch.input_ids_BT[0].tolist())
+    assert "You are a helpful assistant." in prompt and prompt.endswith("assistant\n")  # the chat template's
+    with torch.no_grad():
+        expected = trained["instruct"](**batch.model_inputs()).logits_BTV
+        got = model(**batch.model_inputs()).logits_BTV
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    image, question = first_test_sample(demo_data)
+    answer = generate(model, tokenizer, meta, image, question, max_new_tokens=3)
+    assert answer == greedy_generate(trained["instruct"], prompt_batch(image, question, tok, meta), tok, 3)[0]
 
 
 def test_an_earlier_stage_exports_before_upcycling(demo_data, tmp_path):

@@ -3,7 +3,6 @@ training pipeline, img2dataset caption shards read directly, weighted source mix
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -17,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import image_bytes, write_bpe_tokenizer
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from asymoe_train.config import register_configs, to_typed, validate
 from asymoe_train.config.schema import DataConfig
@@ -39,33 +38,9 @@ register_configs()
 
 
 @pytest.fixture(scope="module")
-def llava():
-    """The recipe module (data_recipes is not a package)."""
-    spec = importlib.util.spec_from_file_location("llava_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> TextTokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["USER: what is in the image?\nASSISTANT: a red square on a table"] * 10, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return TextTokenizer(str(path))
-
-
-def image_bytes(color, fmt: str, size: int = 24) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
+    return TextTokenizer(write_bpe_tokenizer(path, "USER: what is in the image?\nASSISTANT: a red square on a table"))
 
 
 def human(value):
@@ -125,9 +100,9 @@ def instruct_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(llava, instruct_root, tmp_path_factory) -> tuple[Path, dict]:
+def built(llava_recipe, instruct_root, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shards") / "mix665k"
-    manifest = llava.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, out, "mix665k",
+    manifest = llava_recipe.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, out, "mix665k",
                            samples_per_shard=3, workers=1, preset="instruct")
     return out, manifest
 
@@ -183,35 +158,35 @@ def test_shards_hold_the_records_and_image_bytes(built, instruct_root):
         assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(source.convert("RGB")))
 
 
-def test_rebuild_is_byte_identical_and_idempotent(llava, built, instruct_root, tmp_path, capsys):
+def test_rebuild_is_byte_identical_and_idempotent(llava_recipe, built, instruct_root, tmp_path, capsys):
     out, manifest = built
     again = tmp_path / "again"
-    llava.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, again, "mix665k", samples_per_shard=3,
+    llava_recipe.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, again, "mix665k", samples_per_shard=3,
                 workers=3, preset="instruct")
     for name in ["manifest.json"] + [shard["file"] for shard in manifest["shards"]]:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     stamp = (again / "manifest.json").stat().st_mtime_ns
-    llava.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, again, "mix665k", samples_per_shard=3,
+    llava_recipe.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, again, "mix665k", samples_per_shard=3,
                 preset="instruct")
     assert "up to date" in capsys.readouterr().out
     assert (again / "manifest.json").stat().st_mtime_ns == stamp
 
 
-def test_a_failed_build_leaves_the_published_shards_alone(llava, built, instruct_root, tmp_path):
+def test_a_failed_build_leaves_the_published_shards_alone(llava_recipe, built, instruct_root, tmp_path):
     out = tmp_path / "published"
-    llava.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, out, "mix665k", samples_per_shard=3)
+    llava_recipe.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, out, "mix665k", samples_per_shard=3)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([RECORDS[2][0], RECORDS[7][0]]))  # nothing convertible
     with pytest.raises(ValueError, match="no sample was written"):
-        llava.build(broken, instruct_root, out, "mix665k", samples_per_shard=3)
+        llava_recipe.build(broken, instruct_root, out, "mix665k", samples_per_shard=3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "published"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        llava.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, foreign, "mix665k")
+        llava_recipe.build(instruct_root / "llava_v1_5_mix665k.json", instruct_root, foreign, "mix665k")
 
 
 def test_pretrain_preset_from_the_command_line(tmp_path):

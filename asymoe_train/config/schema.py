@@ -138,6 +138,14 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Recompute activations in the backward pass instead of keeping them, layer by layer: every LM decoder layer
+    # (MoE blocks included; their aux losses and statistics come back as without it) and every vision tower layer.
+    # Training only. Saves most activation memory for about one extra forward pass of compute; same numbers.
+    activation_checkpointing: bool = False
+    # torch.compile (dynamic shapes) the expert pools and routers of every MoE block when it is upcycled; routing
+    # bookkeeping and dispatch stay eager. Fuses the element-wise work (SwiGLU, hyperbolic maps, router softmax); the
+    # first steps pay the compile time. Needs a C++ compiler. Not with model.moe.backend=deepspeed
+    compile_moe: bool = False
 
 
 DEFAULT_CAPTION_PROMPTS = (
@@ -171,19 +179,31 @@ class DataConfig:
 
     name: str = "easy_vqa"
     root: str = "data/easy_vqa"
-    tokenizer: str = "tokenizer.json"  # relative to root, or absolute
+    # relative to root, or absolute: a `tokenizers` JSON file with <pad> <s> </s> <image>, or a Hugging Face tokenizer
+    # directory (the LM's tokenizer with <image> added; its chat template, if any, formats conversations)
+    tokenizer: str = "tokenizer.json"
     sources: dict[str, Any] = field(default_factory=dict)  # name -> shard glob or mixture (see above)
     # name -> samples (shard samples, i.e. images or conversations) in that source; needed by stages that set
     # `epochs`, and lets `asymoe-train plan` report steps per epoch
     source_sizes: dict[str, int] = field(default_factory=dict)
     eval_sources: dict[str, str] = field(default_factory=dict)  # name -> shard glob, evaluated at stage ends
-    template: str = "plain"  # conversation template; see asymoe_train.data.conversation.TEMPLATES
+    # Conversation format: auto = the tokenizer's chat template when it has one (a Hugging Face tokenizer directory
+    # with `chat_template`), else plain | chat = the tokenizer's chat template (an error without one) | a named
+    # template of asymoe_train.data.conversation.TEMPLATES (plain: "<s>USER: q\nASSISTANT: a</s>"). Either way only
+    # answers and their end-of-turn token are supervised, and <image> expands to the image tokens
+    template: str = "auto"
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
     max_length: int = 128  # sequences longer than this are skipped and counted
     # With split_turns, train on at most N turns per sample whose turn metadata `turn_cap_field` has a given value,
     # e.g. {"yes/no": 2} keeps 2 random yes/no questions per image (rebalances families; eval is never capped).
     turn_caps: dict[str, int] = field(default_factory=dict)
     turn_cap_field: str = "family"
+    # Answer balancing in training: "" = off, or a turn metadata field (e.g. qtype) whose groups get every answer the
+    # same total loss weight, n_g / (K_g * n_ga), computed over the stage's source at its start (needs split_turns).
+    # Undoes answer priors a training split skews, such as a changing-priors split; weights are capped at
+    # answer_balance_max.
+    answer_balance: str = ""
+    answer_balance_max: float = 10.0
     # Training-image augmentation: none | dihedral (a random one of the 8 flips/90-degree rotations; only for data
     # whose answers do not depend on orientation, such as easy-vqa's shapes and colours). Eval is never augmented.
     augment: str = "none"

@@ -177,6 +177,10 @@ def _validate_model(cfg: TrainConfig) -> None:
                 f"model.moe.top_k={moe.top_k} exceeds the {num} experts router {name!r} can reach; "
                 f"lower top_k or enlarge its pools"
             )
+    if moe.backend == "deepspeed" and cfg.model.compile_moe:
+        raise ConfigError("model.compile_moe=true compiles the native block's pools, which DeepSpeed's MoE layer "
+                          "(model.moe.backend=deepspeed) does not call; set model.compile_moe=false or "
+                          "model.moe.backend=native")
     if moe.backend == "deepspeed":
         vanilla = (len(moe.pools) == 1 and moe.pools[0].expert == "ffn" and moe.pools[0].width == 1
                    and len(moe.routers) == 1 and set(moe.routers[0].modalities) == set(MODALITIES))
@@ -196,10 +200,10 @@ def _validate_model(cfg: TrainConfig) -> None:
 
 def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
-    from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, TEMPLATES
+    from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, TEMPLATE_CHOICES
     from asymoe_train.data.sources import source_parts
 
-    _choice("data.template", data.template, sorted(TEMPLATES))
+    _choice("data.template", data.template, TEMPLATE_CHOICES)
     parts = {name: source_parts(f"data.sources.{name}", value) for name, value in data.sources.items()}
     for n, prompt in enumerate(data.caption_prompts):
         if not isinstance(prompt, str) or not prompt.strip() or IMAGE_PLACEHOLDER in prompt:
@@ -218,6 +222,11 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
         )
     if not 0 <= data.max_bad_fraction < 1:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
+    if data.answer_balance and not data.split_turns:
+        raise ConfigError(f"data.answer_balance={data.answer_balance!r} weights single turns; it needs "
+                          "data.split_turns=true (or set data.answer_balance='')")
+    if not data.answer_balance_max >= 1:
+        raise ConfigError(f"data.answer_balance_max={data.answer_balance_max} must be >= 1 (the cap on a turn's weight)")
     for name, size in data.source_sizes.items():
         if name not in data.sources:
             raise ConfigError(f"data.source_sizes.{name}: no such source in data.sources {sorted(data.sources)}")
@@ -226,7 +235,7 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
         return
     tokenizer = resolve_data_path(data, data.tokenizer)
     hint = "build the demo shards with `make data`, or point data.root at your shards"
-    if not os.path.isfile(tokenizer):
+    if not os.path.exists(tokenizer):
         raise ConfigError(f"data.tokenizer: {tokenizer} does not exist; {hint}")
     globs = [(f"data.sources.{name}" + (f".{part.name}.glob" if part.name else ""), part.glob, True)
              for name, source in parts.items() for part in source]

@@ -1,7 +1,17 @@
 """LLaVA-format conversations -> ``input_ids``, ``labels`` and ``modality_ids``.
 
-Only answer tokens (the assistant's words and the end-of-turn token) carry labels; prompt, image and padding
+Only answer tokens (the assistant's words and the token that ends its turn) carry labels; prompt, image and padding
 positions are ignored (-100). The image placeholder ``<image>`` expands to the model's image tokens.
+
+Two kinds of template (``data.template``):
+- ``chat``: the tokenizer's own chat template (a Hugging Face tokenizer directory with ``chat_template``), rendered
+  by transformers. The conversation is rendered turn by turn: the prompt up to each generation prompt, then each
+  answer, and each rendering must extend the previous one (true of the usual templates: Llama-3, Qwen2, Phi-3,
+  Mistral, SmolLM2), so the text splits into prompt pieces (unsupervised) and answer pieces (supervised up to and
+  including the end-of-turn token; what follows it, such as ChatML's newline, is prompt).
+- a name in :data:`TEMPLATES` (``plain``): ``<s>`` then per turn ``{user}{question}{assistant}{answer}</s>``.
+
+``auto`` (the default) is ``chat`` when the tokenizer has a chat template, else ``plain``.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ class Template:
 TEMPLATES = {
     "plain": Template(user="USER: ", assistant="\nASSISTANT: "),
 }
+# data.template values: the tokenizer's chat template if it has one (auto) or always (chat), or a named template
+TEMPLATE_CHOICES = ("auto", "chat", *TEMPLATES)
 
 
 @dataclass
@@ -67,15 +79,29 @@ def turns(conversations: list[dict]) -> list[tuple[str, str]]:
 
 
 class ConversationEncoder:
-    """Encodes (question, answer) turns with a template; ``num_image_tokens`` positions per ``<image>``."""
+    """Encodes (question, answer) turns with a template; ``num_image_tokens`` positions per ``<image>``.
+
+    ``template`` is a :data:`TEMPLATE_CHOICES` value; ``template_name`` is what it resolved to (``chat`` or a name
+    of :data:`TEMPLATES`).
+    """
 
     def __init__(self, tokenizer: TextTokenizer, template: str, num_image_tokens: int):
-        if template not in TEMPLATES:
-            raise ValueError(f"data.template={template!r} is unknown; expected one of {sorted(TEMPLATES)}")
+        if template not in TEMPLATE_CHOICES:
+            raise ValueError(f"data.template={template!r} is unknown; expected one of {list(TEMPLATE_CHOICES)}")
+        if template == "chat" and not tokenizer.chat_template:
+            raise ValueError(f"data.template=chat but data.tokenizer={tokenizer.path!r} has no chat template (a "
+                             "Hugging Face tokenizer directory with chat_template in tokenizer_config.json or a "
+                             "chat_template.jinja); use data.template=auto or plain")
+        if template == "auto":
+            template = "chat" if tokenizer.chat_template else "plain"
         self.tok = tokenizer
-        self.template = TEMPLATES[template]
+        self.template_name = template
+        self.template = TEMPLATES.get(template)
         self.num_image_tokens = num_image_tokens
+        if template == "chat":
+            self._check_chat_template()
 
+    # ------------------------------------------------------------------------------------------------ plain template
     def _question(self, seq: Encoded, question: str) -> None:
         parts = question.split(IMAGE_PLACEHOLDER)
         if len(parts) > 2:
@@ -88,10 +114,66 @@ class ConversationEncoder:
 
     def encode(self, pairs: list[tuple[str, str]], with_last_answer: bool = True) -> Encoded:
         """All turns; the last answer is left out when ``with_last_answer`` is False (a generation prompt)."""
+        if self.template is None:
+            return self._encode_chat(pairs, with_last_answer)
         seq = Encoded([], [], [])
-        seq.extend([self.tok.bos_id], TEXT, False)
+        if self.tok.bos_id is not None:
+            seq.extend([self.tok.bos_id], TEXT, False)
         for n, (question, answer) in enumerate(pairs):
             self._question(seq, question)
             if n < len(pairs) - 1 or with_last_answer:
                 seq.extend(self.tok.encode(answer.strip()) + [self.tok.eos_id], TEXT, True)
         return seq
+
+    # ------------------------------------------------------------------------------------------ the tokenizer's chat
+    def _encode_chat(self, pairs: list[tuple[str, str]], with_last_answer: bool) -> Encoded:
+        seq = Encoded([], [], [])
+        messages: list[dict[str, str]] = []
+        rendered = ""  # the text seq holds so far
+        for n, (question, answer) in enumerate(pairs):
+            messages.append({"role": "user", "content": question.strip()})
+            prompt = self.tok.render_chat(messages, add_generation_prompt=True)
+            self._chat_prompt(seq, _continuation(rendered, prompt))
+            if n == len(pairs) - 1 and not with_last_answer:
+                break
+            messages.append({"role": "assistant", "content": answer.strip()})
+            rendered = self.tok.render_chat(messages)
+            self._chat_answer(seq, _continuation(prompt, rendered))
+        return seq
+
+    def _chat_prompt(self, seq: Encoded, text: str) -> None:
+        parts = text.split(IMAGE_PLACEHOLDER)
+        if len(parts) > 2:
+            raise MalformedSample(f"question holds {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders; at most 1")
+        seq.extend(self.tok.encode(parts[0]), TEXT, False)
+        if len(parts) == 2:
+            seq.extend([self.tok.image_id] * self.num_image_tokens, IMAGE, False)
+            seq.extend(self.tok.encode(parts[1]), TEXT, False)
+
+    def _chat_answer(self, seq: Encoded, text: str) -> None:
+        ids = self.tok.encode(text)
+        if self.tok.eos_id not in ids:
+            raise MalformedSample(f"the chat template ended an answer without the end-of-turn token "
+                                  f"{self.tok.eos_id}: {text!r}")
+        end = ids.index(self.tok.eos_id) + 1
+        seq.extend(ids[:end], TEXT, True)
+        seq.extend(ids[end:], TEXT, False)  # e.g. ChatML's newline after <|im_end|>: part of the next prompt
+
+    def _check_chat_template(self) -> None:
+        """Fail at start, naming the keys, when the chat template cannot be split into prompts and answers."""
+        where = f"the chat template of data.tokenizer={self.tok.path!r}"
+        try:
+            self._encode_chat([("q1", "a1"), ("q2", "a2")], with_last_answer=True)
+        except MalformedSample as exn:
+            raise ValueError(f"{where} cannot be used for training: {exn}; use data.template=plain") from None
+        except Exception as exn:  # jinja raises its own errors (e.g. templates that demand a system message)
+            raise ValueError(f"{where} does not render a user/assistant conversation ({type(exn).__name__}: {exn}); "
+                             "use data.template=plain") from None
+
+
+def _continuation(prefix: str, text: str) -> str:
+    """What ``text`` adds to ``prefix``; the chat template must render a conversation's prefix as a text prefix."""
+    if not text.startswith(prefix):
+        raise MalformedSample("the chat template renders a shorter conversation as something other than a prefix of "
+                              "the longer one, so prompts and answers cannot be told apart")
+    return text[len(prefix):]

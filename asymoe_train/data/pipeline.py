@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as SequenceOf
@@ -62,6 +63,7 @@ class Sequence:
     image_row: int
     answer: str = ""
     meta: dict = field(default_factory=dict)
+    weight: float = 1.0  # loss weight of its answer tokens (``data.answer_balance``)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Batch:
     meta: list[dict] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # shard sample keys, one per sample
     positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # training streams after this batch
+    weight_B: torch.Tensor | None = None  # per-sequence loss weights (``data.answer_balance``); None = all 1
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {
@@ -93,6 +96,8 @@ class Batch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.weight_B is not None:
+            self.weight_B = self.weight_B.to(device)
         self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
         return self
 
@@ -131,6 +136,9 @@ class SampleDecoder:
         self.caption_prompts = tuple(caption_prompts) if caption_prompts is not None else None
         self._rng: random.Random | None = None
         self.skipped: Counter[str] = Counter()
+        # (turn metadata value, answer) -> loss weight, from :func:`answer_balance_weights`; set per training stage
+        self.answer_weights: dict[tuple[str, str], float] = {}
+        self.answer_field = ""
 
     @property
     def rng(self) -> random.Random:
@@ -230,7 +238,11 @@ class SampleDecoder:
             if len(encoded.input_ids) > self.max_length:
                 self.skipped["too_long"] += 1
                 continue
-            sequences.append(Sequence(encoded, 0 if image is not None else -1, group[-1][1].strip(), meta[-1]))
+            answer = group[-1][1].strip()
+            weight = 1.0
+            if self.answer_weights and not prompt_only:
+                weight = self.answer_weights.get((str(meta[-1].get(self.answer_field)), answer), 1.0)
+            sequences.append(Sequence(encoded, 0 if image is not None else -1, answer, meta[-1], weight))
         return image, sequences
 
     def batches(self, samples: Iterator[dict], images_per_batch: int, seqs_per_batch: int, prompt_only: bool,
@@ -314,7 +326,37 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         answers=[s.answer for s in sequences],
         meta=[s.meta for s in sequences],
         keys=list(keys or []),
+        weight_B=(torch.tensor([s.weight for s in sequences], dtype=torch.float32)
+                  if any(s.weight != 1.0 for s in sequences) else None),
     )
+
+
+def answer_balance_weights(data: DataConfig, source: str | Mapping) -> dict[tuple[str, str], float]:
+    """Loss weights that give every answer of a question group the same total weight in a training source:
+    ``n_g / (K_g * n_ga)`` for answer a of group g (the value of turn metadata ``data.answer_balance``, e.g. qtype),
+    with n_g the group's turns, n_ga those answered a and K_g the group's distinct answers, capped at
+    ``data.answer_balance_max``. Each group keeps its total weight; answer priors that a training split skews (e.g.
+    a changing-priors split) no longer steer the model. Reads the json member of every shard of the source once
+    (images are not decoded): cheap for the demo, a full pass over the metadata for large sources. Empty when no
+    turn carries the field (e.g. a caption stage)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for url in stream_spec(data, source, 0).urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                record = json.load(tar.extractfile(member))
+                pairs = turns(record.get("conversations", []))
+                for meta, (_, answer) in zip(_turn_meta(record, len(pairs)), pairs, strict=True):
+                    if data.answer_balance in meta:
+                        counts[str(meta[data.answer_balance]), answer.strip()] += 1
+    groups: Counter[str] = Counter()
+    answers: Counter[str] = Counter()
+    for group, _ in counts:
+        answers[group] += 1
+    for (group, _), n in counts.items():
+        groups[group] += n
+    return {key: min(groups[key[0]] / (answers[key[0]] * n), data.answer_balance_max) for key, n in counts.items()}
 
 
 Position = tuple[int, int, int]  # one logical stream: (shard draw, samples taken from that draw, samples in all)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from asymoe_train.config.schema import EngineConfig, StageConfig
-from asymoe_train.distributed.expert_parallel import ExpertParallel, mark_expert_parameters
+from asymoe_train.distributed.expert_parallel import ExpertParallel, grad_norm, mark_expert_parameters
 
 
 def _free_port() -> int:
@@ -114,7 +114,8 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfi
     With expert parallelism, the model's expert parameters are tagged as DeepSpeed MoE parameters (also frozen ones:
     DeepSpeed broadcasts them over their expert-data-parallel group only) and trainable ones go to their own
     optimizer groups (``split_params_into_different_moe_groups_for_optimizer``), so their gradients are reduced over
-    the expert-data-parallel group."""
+    the expert-data-parallel group, and gradients are clipped by the global norm that counts every expert once
+    (:func:`asymoe_train.distributed.expert_parallel.grad_norm`)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -138,4 +139,9 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfi
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(engine, stage),
             dist_init_required=False,
         )
+    if expert_parallel is not None:
+        # DeepSpeed calls this to clip fp32 gradients without ZeRO, and its version counts only each rank's own
+        # experts (see grad_norm); bf16 and ZeRO-1/2 clip inside their optimizers, which count every expert once.
+        ds_engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grads_with_norm_(
+            params, engine.grad_clip, grad_norm(params, expert_parallel))
     return ds_engine

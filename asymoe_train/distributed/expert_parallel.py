@@ -1,5 +1,5 @@
-"""Expert parallelism: DeepSpeed's expert groups, the dropless all-to-all token dispatcher, and the collectives that
-consolidate experts for checkpoints.
+"""Expert parallelism: DeepSpeed's expert groups, the dropless all-to-all token dispatcher, the global gradient norm
+(every expert counted once, for clipping and logging), and the collectives that consolidate experts for checkpoints.
 
 Groups. ``engine.ep_size = S`` cuts the world into expert-parallel groups of S consecutive ranks, which exchange
 tokens, and expert-data-parallel groups of the ranks that hold the same experts (r, r + S, r + 2S, ...), over which
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from asymoe_train.config.schema import EngineConfig
-from asymoe_train.moe.dispatch import RunExperts
+from asymoe_train.moe.dispatch import RunExperts, SlotOrder
 
 
 @dataclass
@@ -96,6 +96,34 @@ def mark_expert_parameters(params: Iterable[torch.nn.Parameter], ep: ExpertParal
         param.group_name = ep.name
 
 
+def is_expert_parameter(param: torch.nn.Parameter) -> bool:
+    """Tagged by :func:`mark_expert_parameters` (DeepSpeed's ``is_moe_param``)."""
+    return getattr(param, "allreduce", True) is False
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], ep: ExpertParallel | None) -> torch.Tensor:
+    """The L2 norm of the model's gradients, after their reduction over ranks, that one process without expert
+    parallelism would compute: replicated parameters counted once (their reduced gradients are equal on every rank)
+    and every expert once (the squared norms of the experts held here are summed over the expert-parallel group; the
+    other groups hold copies of them).
+
+    DeepSpeed's ZeRO-0 clipping instead averages each rank's own norm over the data-parallel group, and a rank's norm
+    holds only its own experts: mean_r sqrt(dense^2 + experts_r^2), not sqrt(dense^2 + sum_r experts_r^2). (ZeRO-1/2
+    sum the squares of each rank's gradient partitions over all ranks, which counts every expert once already.)
+    """
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")  # the gradients' device is the backend's
+    dense_sq, experts_sq = [torch.zeros((), device=device)], [torch.zeros((), device=device)]
+    for p in params:
+        if p.grad is not None:
+            square = torch.linalg.vector_norm(p.grad.detach().float()).square()
+            (experts_sq if ep is not None and is_expert_parameter(p) else dense_sq).append(square)
+    dense_sq, experts_sq = torch.stack(dense_sq).sum(), torch.stack(experts_sq).sum()
+    if ep is not None:
+        dist.all_reduce(experts_sq, group=ep.group)  # every rank of the group, whatever its gradients
+    return (dense_sq + experts_sq).sqrt()
+
+
 def _all_to_all(x: torch.Tensor, recv_splits: list[int], send_splits: list[int], ep: ExpertParallel,
                 what: str) -> torch.Tensor:
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
@@ -144,18 +172,16 @@ class AllToAllDispatcher:
     ) -> torch.Tensor:
         size, held = self.ep_size, num_experts // self.ep_size
         where = where or "an MoE layer"
-        order_A = torch.argsort(expert_A, stable=True)
-        token_sorted_A = token_A[order_A]
+        slots = SlotOrder.sort(token_A, expert_A, num_experts)
         # 1. rows per slot: send_SL[s, e] rows go to rank s's expert e; recv_SL[s, e] rows come from rank s
-        send_E = torch.bincount(expert_A, minlength=num_experts)
-        recv_SL = _all_to_all(send_E, [held] * size, [held] * size, self.ep, f"token counts in {where}")
+        recv_SL = _all_to_all(slots.counts_E, [held] * size, [held] * size, self.ep, f"token counts in {where}")
         recv_SL = recv_SL.reshape(size, held)
-        send_splits = send_E.reshape(size, held).sum(1).tolist()
+        send_splits = slots.counts_E.reshape(size, held).sum(1).tolist()
         recv_splits = recv_SL.sum(1).tolist()
         # 2. the rows, with their evidence rows alongside
-        rows_AX = x_TD[token_sorted_A]
+        rows_AX = x_TD[slots.token_A]
         if extra_AX is not None:
-            rows_AX = torch.cat([rows_AX, extra_AX[order_A].to(rows_AX.dtype)], dim=-1)
+            rows_AX = torch.cat([rows_AX, extra_AX[slots.order_A].to(rows_AX.dtype)], dim=-1)
         rows_RX = _Exchange.apply(rows_AX, recv_splits, send_splits, self.ep, f"tokens in {where}")
         # 3. received rows are grouped by source rank, each group sorted by local expert: regroup by expert
         expert_R = torch.repeat_interleave(torch.arange(held, device=x_TD.device).repeat(size), recv_SL.reshape(-1))
@@ -168,8 +194,7 @@ class AllToAllDispatcher:
         y_RD = y_RD[back_R]
         # 4. outputs back to the ranks their tokens came from
         y_AD = _Exchange.apply(y_RD, send_splits, recv_splits, self.ep, f"expert outputs in {where}")
-        y_AD = y_AD * weight_A[order_A].unsqueeze(-1).to(y_AD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)
+        return slots.combine(x_TD, y_AD, weight_A)
 
 
 def gather_experts(tensors: dict[str, torch.Tensor], ep: ExpertParallel) -> dict[str, torch.Tensor]:

@@ -8,16 +8,18 @@ and return their losses and statistics as values.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from asymoe_train.config.derive import evidence_layer_indices, moe_layer_indices
 from asymoe_train.config.schema import ModelConfig
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.backbones import build_language_model, build_vision_tower
-from asymoe_train.moe.block import MoEBlock, MoEOutput
+from asymoe_train.moe.block import MoEBlock, MoEOutput, compile_block
 from asymoe_train.moe.evidence import TokenContext
 
 
@@ -47,6 +49,12 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = build_vision_tower(cfg.vision, cfg.backbone.vision_path)
+        if cfg.activation_checkpointing:
+            # Hugging Face's per-layer checkpointing of the tower (active in training mode only); non-reentrant, so
+            # it also works when the tower is frozen and no input needs a gradient
+            tower = self.vision
+            enable = getattr(tower, "activation_checkpointing_enable", None) or tower.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         self.lm = build_language_model(cfg.lm, vocab_size, pad_token_id, cfg.backbone.lm_path)
         lm_hidden = self.lm.config.hidden_size
         vision_hidden = self.vision.config.hidden_size
@@ -84,6 +92,8 @@ class VisionLanguageModel(nn.Module):
                 self.dispatcher, generator, skip_pools=() if i in ep_layers else evidence_pools,
             )
             self.layers[i].mlp.name = f"lm.model.layers.{i}.mlp"
+            if self.cfg.compile_moe:
+                compile_block(self.layers[i].mlp)
 
     @property
     def has_evidence_experts(self) -> bool:
@@ -163,21 +173,36 @@ class VisionLanguageModel(nn.Module):
         rope = self.lm.model.rotary_emb(h_BTD, position_BT)
         modality_T = modality_BT.reshape(-1)
         moe_out: dict[int, MoEOutput] = {}
+        # Activation checkpointing: each decoder layer keeps only its input; the backward pass runs it again. It is
+        # non-reentrant, so the MoE block's result object (aux losses with their graphs, statistics) comes back from
+        # the first run as usual and the recomputation rebuilds the tensors its backward needs.
+        run = self.decoder_layer
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            run = functools.partial(checkpoint, self.decoder_layer, use_reentrant=False)
         for i, layer in enumerate(self.layers):
-            attn, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(h_BTD), position_embeddings=rope, attention_mask=mask_B1TT
-            )
-            h_BTD = h_BTD + attn
-            x_BTD = layer.post_attention_layernorm(h_BTD)
-            if isinstance(layer.mlp, MoEBlock):
-                out = layer.mlp(x_BTD.reshape(b * t, d), modality_T, ctx)
+            h_BTD, out = run(layer, h_BTD, rope, mask_B1TT, modality_T, ctx)
+            if out is not None:
                 moe_out[i] = out
-                x_BTD = out.hidden_TD.reshape(b, t, d)
-            else:
-                x_BTD = layer.mlp(x_BTD)
-            h_BTD = h_BTD + x_BTD
         logits = self.lm.lm_head(self.lm.model.norm(h_BTD))
         return VLMOutput(logits_BTV=logits, moe=moe_out)
+
+    @staticmethod
+    def decoder_layer(layer: nn.Module, h_BTD: torch.Tensor, rope, mask_B1TT: torch.Tensor, modality_T: torch.Tensor,
+                      ctx: TokenContext | None) -> tuple[torch.Tensor, MoEOutput | None]:
+        """One pre-norm decoder layer: attention, then the MLP or MoE block; returns the block's output too."""
+        b, t, d = h_BTD.shape
+        attn, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(h_BTD), position_embeddings=rope, attention_mask=mask_B1TT
+        )
+        h_BTD = h_BTD + attn
+        x_BTD = layer.post_attention_layernorm(h_BTD)
+        out = None
+        if isinstance(layer.mlp, MoEBlock):
+            out = layer.mlp(x_BTD.reshape(b * t, d), modality_T, ctx)
+            x_BTD = out.hidden_TD.reshape(b, t, d)
+        else:
+            x_BTD = layer.mlp(x_BTD)
+        return h_BTD + x_BTD, out
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, seed: int = 0) -> VisionLanguageModel:

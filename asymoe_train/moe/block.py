@@ -15,6 +15,8 @@ every pool then holds its share of experts, and assignments go to dispatch slots
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -217,3 +219,20 @@ class MoEBlock(nn.Module):
         total = sum(p.numel() for p in self.pools.parameters())
         largest = max(pool.params_per_expert() for pool in self.pools.values())
         return total, largest
+
+
+def compile_block(block: MoEBlock) -> None:
+    """``torch.compile`` the dense compute of an MoE block in place (``model.compile_moe``): every expert pool (its
+    per-expert FFNs; hyperbolic maps and evidence attention are long chains of element-wise ops that fuse) and every
+    router (fp32 logits, softmax, top-k, renormalisation). Routing bookkeeping and dispatch (token selection, sort,
+    counts, scatter: data-dependent sizes) stay eager, where tracing them would only break graphs. Shapes are
+    dynamic, so the token counts that change every step do not recompile. Parameter names do not change."""
+    if next(block.parameters()).device.type != "meta":  # meta: counting parameters, nothing will run
+        # Checked now: torch.compile is lazy and would fail at the first step with a long inductor trace.
+        compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            raise ValueError("model.compile_moe=true: torch.compile needs a C++ compiler (inductor generates C++ on "
+                             "CPU and builds Triton's launchers on GPU), but none of $CXX, c++, g++, clang++ is on "
+                             "PATH; install one (e.g. apt-get install g++) or set model.compile_moe=false")
+    for module in (*block.pools.values(), *block.routers.values()):
+        module.compile(dynamic=True)

@@ -19,11 +19,33 @@ A dispatcher exposes ``ep_rank`` and ``ep_size``: a block builds only the expert
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 # (slot-sorted rows, rows per expert held here, slot-sorted extra rows or None) -> outputs in the same order
 RunExperts = Callable[[torch.Tensor, list[int], torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class SlotOrder:
+    """Assignments sorted by slot, stably (each slot keeps its tokens in order): the prologue and epilogue every
+    dispatcher shares."""
+
+    order_A: torch.Tensor  # sorted position -> assignment index
+    token_A: torch.Tensor  # the token of each sorted assignment
+    counts_E: torch.Tensor  # assignments per slot
+
+    @classmethod
+    def sort(cls, token_A: torch.Tensor, expert_A: torch.Tensor, num_experts: int) -> SlotOrder:
+        order_A = torch.argsort(expert_A, stable=True)
+        return cls(order_A, token_A[order_A], torch.bincount(expert_A, minlength=num_experts))
+
+    def combine(self, x_TD: torch.Tensor, y_AD: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+        """``sum_k weight * y`` per token from outputs ``y_AD`` in sorted order; zero for tokens without
+        assignments."""
+        y_AD = y_AD * weight_A[self.order_A].unsqueeze(-1).to(y_AD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, self.token_A, y_AD)
 
 
 class LocalDispatcher:
@@ -44,9 +66,7 @@ class LocalDispatcher:
         extra_AX: torch.Tensor | None = None,
         where: str = "",
     ) -> torch.Tensor:
-        order_A = torch.argsort(expert_A, stable=True)
-        token_sorted_A = token_A[order_A]
-        counts_E = torch.bincount(expert_A, minlength=num_experts)
-        y_AD = run_experts(x_TD[token_sorted_A], counts_E.tolist(), None if extra_AX is None else extra_AX[order_A])
-        y_AD = y_AD * weight_A[order_A].unsqueeze(-1).to(y_AD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)
+        slots = SlotOrder.sort(token_A, expert_A, num_experts)
+        extra_AX = None if extra_AX is None else extra_AX[slots.order_A]
+        y_AD = run_experts(x_TD[slots.token_A], slots.counts_E.tolist(), extra_AX)
+        return slots.combine(x_TD, y_AD, weight_A)

@@ -12,27 +12,36 @@ from asymoe_train.data.conversation import IGNORE
 from asymoe_train.models.vlm import VLMOutput
 
 
-def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised (answer) positions, and their count."""
+def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                weight_B: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over supervised (answer) positions, each sequence's tokens times its weight
+    (``weight_B``; None = 1), and the count of those positions (unweighted)."""
     targets = labels_BT[:, 1:]
     logits = logits_BTV[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    if weight_B is None:
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+    else:
+        per_token_BT = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
+        loss = (per_token_BT * weight_B[:, None].float()).sum()
     return loss, int((targets != IGNORE).sum())
 
 
-def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig,
-               world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, world_size: int = 1,
+               weight_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
     L_lm is normalised by the number of answer tokens in the micro-batch over all ``world_size`` data-parallel ranks
     (one all-reduce), so a step's loss does not depend on how its batch is split over ranks: each rank contributes
     its summed token losses / the global count, times ``world_size`` because DeepSpeed averages gradients over ranks.
     The logged ``loss/lm`` is the global per-token loss. Auxiliary terms with weight 0 are not added (they cost
-    nothing and send no gradient); the others are per rank, and so averaged over ranks.
+    nothing and send no gradient); the others are per rank, and so averaged over ranks. ``weight_B`` weights each
+    sequence's answer tokens in L_lm (answer balancing); the normaliser stays the token count.
     """
-    loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT)
+    loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B)
     lm = loss_sum / max(num_tokens, 1)
     lm_logged = lm
     if world_size > 1:

@@ -20,11 +20,11 @@ from asymoe_train.config.derive import image_tokens_per_image
 from asymoe_train.config.schema import StageConfig, TrainConfig
 from asymoe_train.config.validate import resolve_data_path
 from asymoe_train.data.conversation import ConversationEncoder
-from asymoe_train.data.pipeline import Batch, SampleDecoder, eval_batches, train_loader
+from asymoe_train.data.pipeline import Batch, SampleDecoder, answer_balance_weights, eval_batches, train_loader
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.distributed.deepspeed_moe import moe_block_type
 from asymoe_train.distributed.engine import build_engine
-from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, init_expert_parallel
+from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, grad_norm, init_expert_parallel
 from asymoe_train.evaluation.vqa import evaluate
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
@@ -37,6 +37,7 @@ from asymoe_train.training.checkpoint import (
     load_checkpoint,
     load_stage_model,
     prune_checkpoints,
+    resumes_on_any_layout,
     save_checkpoint,
     upcycled_after,
 )
@@ -177,26 +178,21 @@ class Trainer:
         return state, path
 
     def check_layout(self, state: TrainerState, path: str) -> None:
-        """A mid-stage checkpoint resumes on another layout only where its optimizer state can be regrouped: ZeRO-0
-        in fp32 (a torch optimizer, whole on every rank; experts are resharded by name). A stage-end checkpoint
+        """A mid-stage checkpoint resumes on another layout (world size, ep_size, ZeRO stage, precision) when its
+        optimizer state is saved by parameter name, as every checkpoint of this version is; a stage-end checkpoint
         resumes on any layout: the next stage needs only its weights."""
         before, after = state.layout, self.layout
-        if before == after or state.stage_done:
-            return
-        if before.get("zero_stage", 0) > 0 or after["zero_stage"] > 0:
-            why = "ZeRO-1/2 optimizer state is partitioned by rank"
-        elif "bf16" in (before.get("precision"), after["precision"]):
-            why = "bf16 optimizer state is partitioned by rank (DeepSpeed's bf16 optimizer)"
-        else:
+        if before == after or state.stage_done or resumes_on_any_layout(path, before):
             return
         e = before
         raise ValueError(
-            f"resume: {path} was written with layout {before}, this run has {after}; {why}, so it resumes on its own "
-            f"layout only: run it with {e.get('world_size')} ranks and engine.ep_size={e.get('ep_size', 1)} "
-            f"engine.zero_stage={e.get('zero_stage', 0)} engine.precision={e.get('precision')} (e.g. `torchrun "
-            f"--nproc-per-node {e.get('world_size')} -m asymoe_train.cli ... resume={path}`). Checkpoints written "
-            "with engine.zero_stage=0 engine.precision=fp32 resume on any world size and ep_size, and stage-end "
-            "checkpoints on any layout"
+            f"resume: {path} was written with layout {before}, this run has {after}; its optimizer state is "
+            "partitioned by rank and it has no optimizer state by parameter name (optim_by_name_rank<r>.safetensors, "
+            "written by newer versions), so it resumes on its own layout only. To convert it, resume it there "
+            f"(`torchrun --nproc-per-node {e.get('world_size')} -m asymoe_train.cli ... "
+            f"engine.ep_size={e.get('ep_size', 1)} engine.zero_stage={e.get('zero_stage', 0)} "
+            f"engine.precision={e.get('precision')} resume={path}`) and send it SIGTERM: it saves a checkpoint after "
+            "its next step and exits, and that checkpoint resumes on any layout"
         )
 
     def request_stop(self, signum, frame) -> None:
@@ -285,6 +281,8 @@ class Trainer:
               f"pools={[(p.name, p.num_experts) for p in moe.pools]} top_k={moe.top_k}")
         log.info(f"parameters: dense {format_count(dense_total)} | after upcycling: total {format_count(total)}, "
               f"activated per token {format_count(activated)}")
+        log.info(f"conversations: data.template={self.cfg.data.template} -> {self.encoder.template_name}"
+                 + (" (the tokenizer's chat template)" if self.encoder.template_name == "chat" else ""))
         if self.expert_parallel:
             ep = self.expert_parallel.size
             log.info(f"expert parallelism: groups of {ep} ranks, each expert held by {self.world_size // ep} of them; "
@@ -366,6 +364,17 @@ class Trainer:
             self.positions = dict(state.data_position)
         seed = self.cfg.seed * 100 + index
         decoder = self.decoder(train=True, seed=seed)  # per-sample draws are seeded by stream position, not rank
+        if self.cfg.data.answer_balance:
+            decoder.answer_field = self.cfg.data.answer_balance
+            decoder.answer_weights = answer_balance_weights(self.cfg.data, self.cfg.data.sources[stage.source])
+            if self.rank == 0 and not decoder.answer_weights:
+                log.warning(f"data.answer_balance={self.cfg.data.answer_balance!r}: no turn of source {stage.source!r} "
+                            "carries that metadata field; this stage trains unweighted")
+            elif self.rank == 0:
+                heaviest = sorted(decoder.answer_weights.items(), key=lambda kv: -kv[1])[:3]
+                log.info(f"answer balancing by {self.cfg.data.answer_balance}: {len(decoder.answer_weights)} "
+                         f"(group, answer) weights in [{min(decoder.answer_weights.values()):.2f}, "
+                         f"{max(decoder.answer_weights.values()):.2f}]; heaviest {heaviest}")
         loader = train_loader(self.cfg.data, self.cfg.data.sources[stage.source], decoder, stage.batch_size,
                               seed=seed, rank=self.rank, world_size=self.world_size, start=self.positions)
         stream = iter(loader)
@@ -382,7 +391,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         for step in range(first_step, stage.steps):
             log_step = (step + 1) % self.cfg.logger.log_every == 0 or step + 1 == stage.steps
-            grad_norm = None
+            step_norm = None
             for micro in range(stage.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(stream)
@@ -392,7 +401,7 @@ class Trainer:
                     self.print_first_batch(batch, stage)
                 batch.to(engine.device, self.dtype)
                 out = engine(**batch.model_inputs())
-                loss, metrics = total_loss(out, batch.labels_BT, stage.losses, self.world_size)
+                loss, metrics = total_loss(out, batch.labels_BT, stage.losses, self.world_size, batch.weight_B)
                 if counterfactual_every and step % counterfactual_every == 0:
                     blind = engine(**{**batch.model_inputs(),
                                       "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
@@ -403,7 +412,7 @@ class Trainer:
                 engine.backward(loss)
                 if log_step and micro + 1 == stage.grad_accum and self.cfg.engine.zero_stage == 0:
                     # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measures only
+                    step_norm = grad_norm(trainable, self.expert_parallel)  # every expert counted once
                 engine.step()
                 self.positions.update(batch.positions)
                 if self.keys_file is not None:
@@ -431,9 +440,9 @@ class Trainer:
                     "perf/data_wait_share": window["data_s"] / elapsed,
                 }
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{speed['perf/tokens_per_s']:.0f}")
-                if grad_norm is None:
-                    grad_norm = engine.get_global_grad_norm()
-                norm = {"grad_norm": float(grad_norm)} if grad_norm is not None else {}
+                if step_norm is None:
+                    step_norm = engine.get_global_grad_norm()
+                norm = {"grad_norm": float(step_norm)} if step_norm is not None else {}
                 self.logger.log({**metrics, **speed, **load.metrics(), **norm, "lr": engine.get_lr()[0],
                                  "stage": index}, self.global_step)
                 window = {"tokens": 0, "samples": 0, "sequences": 0, "data_s": 0.0, "start": time.perf_counter()}
