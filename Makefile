@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT := true
 
-.PHONY: help install data train test lint bench clean
+.PHONY: help install data train test lint bench ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,13 +41,18 @@ bench: install data ## MoE block and demo training-step throughput; appends the 
 		$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden $$hidden --deepspeed-capacity 1.0,1.5 --repeats 7 \
 			--out docs/benchmarks.md || exit 1; \
 	done; done
-	@# Issue 7's comparison: vanilla (E=4, top-2) against the dense FFN and DeepSpeed's MoE layer, with the balanced
+	@# The DeepSpeed comparison: vanilla (E=4, top-2) against the dense FFN and DeepSpeed's MoE layer, with the balanced
 	@# random router and a skewed one (0.33 nats: DeepSpeed drops about 14 % of assignments at capacity factor 1.0).
 	for skew in 0 0.33; do \
 		$(PY) benchmarks/moe_block.py --tokens 4096 --hidden 512 --experts 4 --variants vanilla \
 			--deepspeed-capacity 1.0,1.5 --router-skew $$skew --repeats 15 --out docs/benchmarks.md || exit 1; \
 	done
 	$(PY) benchmarks/train_step.py --out docs/benchmarks.md
+
+ablation: install data ## the five variants on the demo recipe as one multirun (about 1.5 h on 2 CPU cores), then docs/results.md
+	$(PY) -m pip install -q -e ".[report]"
+	$(VENV)/bin/asymoe-train experiment=ablation logger.progress=false $(ARGS)
+	$(PY) benchmarks/ablation_report.py "$$(ls -d outputs/ablation/sweep-* | tail -1)" --out docs/results.md
 
 lint: install ## ruff over the package, recipes and tests
 	$(VENV)/bin/ruff check asymoe_train data_recipes tests benchmarks
