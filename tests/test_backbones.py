@@ -256,16 +256,18 @@ def test_paths_without_a_usable_checkpoint_fail_naming_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_trains_from_local_checkpoints_with_epochs_and_global_batch(tmp_path, demo_data):
-    """Three optimizer steps in all from a Phi-3 LM and a CLIP tower on disk: sizes come from the checkpoints, the
-    tokenizer grows the embeddings, steps and accumulation come from epochs and the global batch."""
-    save_lm("phi3", str(tmp_path / "phi3"))
-    save_tower("clip", str(tmp_path / "clip"), image_size=64)
+@pytest.mark.parametrize("lm,tower", [("phi3", "clip"), ("llama", "siglip"), ("qwen2", "clip")])
+def test_demo_trains_from_local_checkpoints_with_epochs_and_global_batch(tmp_path, demo_data, lm, tower):
+    """Both stages, three optimizer steps in all, from an LM and a tower on disk (every supported family of each
+    trains in one of the cases): sizes come from the checkpoints, the tokenizer grows the embeddings, steps and
+    accumulation come from epochs and the global batch."""
+    save_lm(lm, str(tmp_path / lm))
+    save_tower(tower, str(tmp_path / tower), image_size=64)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "asymoe_train.cli", "experiment=demo", f"data.root={demo_data}",
            f"hydra.run.dir={run_dir}", "logger.mode=disabled", "logger.progress=false", "logger.log_every=1",
            "eval.max_samples=8",
-           f"model.backbone.lm_path={tmp_path / 'phi3'}", f"model.backbone.vision_path={tmp_path / 'clip'}",
+           f"model.backbone.lm_path={tmp_path / lm}", f"model.backbone.vision_path={tmp_path / tower}",
            "model.lm.attn_implementation=eager", "data.shuffle_buffer=20", "+data.source_sizes.captions=16",
            "curriculum.stages.align.steps=0", "curriculum.stages.align.epochs=1",
            "curriculum.stages.align.global_batch_size=8", "curriculum.stages.align.batch_size=4",
@@ -283,7 +285,7 @@ def test_demo_trains_from_local_checkpoints_with_epochs_and_global_batch(tmp_pat
     cfg = load_run_config(str(run_dir))
     align = cfg.curriculum.stages["align"]
     assert (align.steps, align.grad_accum, align.warmup_steps) == (2, 2, 1)
-    assert (cfg.model.lm.type, cfg.model.lm.hidden_size, cfg.model.vision.type) == ("phi3", 32, "clip")
+    assert (cfg.model.lm.type, cfg.model.lm.hidden_size, cfg.model.vision.type) == (lm, 32, tower)
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert len([m for m in metrics if "loss/lm" in m]) == 3
     assert os.path.isfile(run_dir / "checkpoints" / "instruct" / "model.safetensors")
