@@ -8,10 +8,13 @@ from transformers import LlamaConfig, MixtralConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from asymoe_train.config.schema import MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.schema import LossConfig, MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.data.conversation import IGNORE
 from asymoe_train.modality import IMAGE, PAD, TEXT
+from asymoe_train.models.vlm import VLMOutput
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.router import Routing, balance_loss
+from asymoe_train.training.losses import total_loss
 
 D, F = 32, 48
 
@@ -137,6 +140,61 @@ def test_balance_loss_gradient_reaches_only_the_router():
     block(x, modality).losses["balance"].backward()
     assert block.routers["all"].weight_RD.grad.abs().sum() > 0
     assert all(p.grad is None for p in block.pools.parameters())
+
+
+def test_balance_loss_over_two_ranks_equals_one_process_on_the_global_batch(monkeypatch):
+    """``total_loss`` on 2 data-parallel ranks, its all-reduce simulated in one process (each rank's statistics plus
+    the other's): the logged balance and LM losses are those of 1 process on the concatenated batch, and the
+    rank-averaged gradient of every parameter (what DeepSpeed applies) is the 1-process gradient."""
+    block = random_block(variant("moiie"))
+    head = torch.nn.Linear(D, 11)
+    params = [*block.parameters(), *head.parameters()]
+    b, t = 3, 20
+    x, modality = tokens(b * t)
+    modality[:t] = TEXT  # rank 0's one sequence has no image token: its vision router serves nobody
+    g = torch.Generator().manual_seed(2)
+    labels_BT = torch.randint(0, 11, (b, t), generator=g)
+    labels_BT[torch.rand(b, t, generator=g) < 0.5] = IGNORE
+    weights = LossConfig(balance=1.0)  # large, so the balance term's share of the gradient shows
+
+    def forward(rows: slice) -> VLMOutput:
+        """Two MoE layers (the block twice) and a head over the sequences ``rows``."""
+        mod_T = modality.reshape(b, t)[rows].reshape(-1)
+        first = block(x.reshape(b, t, D)[rows].reshape(-1, D), mod_T)
+        second = block(first.hidden_TD.tanh(), mod_T)
+        return VLMOutput(head(second.hidden_TD).reshape(-1, t, 11), {1: first, 3: second})
+
+    def step(rows: slice, world_size: int = 1) -> tuple[dict, list[torch.Tensor], VLMOutput]:
+        for p in params:
+            p.grad = None
+        out = forward(rows)
+        loss, metrics = total_loss(out, labels_BT[rows], weights, world_size)
+        loss.backward()
+        return metrics, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params], out
+
+    reference, reference_grads, _ = step(slice(None))
+    ranks = [slice(0, 1), slice(1, b)]  # uneven: 1 sequence and 2
+    sent = {}
+    for rank, rows in enumerate(ranks):  # what each rank sends to the all-reduce
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda v, rank=rank: sent.__setitem__(rank, v.clone()))
+        total_loss(forward(rows), labels_BT[rows], weights, world_size=2)
+    metrics, grads, outs = [], [], []
+    for rank, rows in enumerate(ranks):
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda v, rank=rank: v.add_(sent[1 - rank]))
+        m, grad, out = step(rows, world_size=2)
+        metrics.append(m)
+        grads.append(grad)
+        outs.append(out)
+    for m in metrics:
+        assert m["loss/balance"] == pytest.approx(reference["loss/balance"], rel=1e-6)
+        assert m["loss/lm"] == pytest.approx(reference["loss/lm"], rel=1e-6)
+        assert m["loss/total"] == pytest.approx(reference["loss/total"], rel=1e-6)
+    names = [*(f"block.{n}" for n, _ in block.named_parameters()), *(f"head.{n}" for n, _ in head.named_parameters())]
+    for name, want, *got in zip(names, reference_grads, *grads):
+        torch.testing.assert_close((got[0] + got[1]) / 2, want, atol=1e-6, rtol=1e-5, msg=name)
+    # the per-rank loss this replaces is another objective here
+    per_rank = sum(float(o.moe[i].losses["balance"].detach()) for o in outs for i in (1, 3)) / 4
+    assert abs(per_rank - reference["loss/balance"]) > 1e-2
 
 
 def test_widened_dense_expert_equals_the_dense_mlp():

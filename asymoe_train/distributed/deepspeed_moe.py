@@ -11,7 +11,8 @@ different all-to-all buffers: DeepSpeed issue 6809, a gloo abort on CPU, a hang 
 capacity is the most assignments any expert gets on any rank of the group, all-reduced), top-k >= 2
 (validated), and no noisy second-expert sampling, so training and evaluation route like the native router. Pad tokens
 are routed by DeepSpeed's gate (it takes no mask for k >= 2) and cost capacity, but their outputs are zeroed, so they
-send no gradient to the experts; its balance loss is DeepSpeed's (over all tokens, pads included).
+send no gradient to the experts; its balance loss is DeepSpeed's (over all tokens, pads included), and per rank: it
+returns no router statistics, so unlike the native block's it is not formed over the global batch of all ranks.
 
 # T tokens, D model dim, S expert-parallel size, L experts held here, C capacity per expert
 """

@@ -28,7 +28,7 @@ from asymoe_train.moe.dispatch import LocalDispatcher
 from asymoe_train.moe.evidence import TokenContext
 from asymoe_train.moe.experts import Shard, build_pool
 from asymoe_train.moe.order import order_loss
-from asymoe_train.moe.router import TopKRouter, balance_loss, z_loss
+from asymoe_train.moe.router import TopKRouter, balance_from_stats, z_loss
 
 
 @dataclass
@@ -40,6 +40,11 @@ class MoEOutput:
     # router name -> assignments per reachable expert (detached, long), and tokens the router served
     expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     router_tokens: dict[str, int] = field(default_factory=dict)
+    # router name -> its probabilities summed over its tokens per reachable expert (fp32, with gradient); set when the
+    # balance loss is active. With expert_counts, router_tokens and top_k, the statistics of ``losses["balance"]``, so
+    # a trainer can form that loss over the global batch of all data-parallel ranks (``training.losses.total_loss``).
+    router_prob_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    top_k: int = 1
     stats: dict[str, float] = field(default_factory=dict)  # scalar observability (curvature, alpha, s_evd, ...)
 
 
@@ -137,7 +142,7 @@ class MoEBlock(nn.Module):
                     raise ValueError(f"MoE pool {name!r} needs token context (context_BT); the model must pass it")
                 preps[name] = pool.prepare(x_TD, ctx)
         tokens, experts, weights = [], [], []
-        out = MoEOutput(hidden_TD=x_TD)
+        out = MoEOutput(hidden_TD=x_TD, top_k=self.top_k)
         zero = x_TD.new_zeros((), dtype=torch.float32)
         balance, zl, evd = zero, zero, zero
         for name, router in self.routers.items():
@@ -155,13 +160,15 @@ class MoEBlock(nn.Module):
             tokens.append(token_N.repeat_interleave(self.top_k))
             experts.append(self.reach(name)[routing.experts_NK.reshape(-1)])
             weights.append(routing.weights_NK.reshape(-1))
-            if "balance" in self.active_losses:
-                balance = balance + balance_loss(routing)
-            if "z" in self.active_losses:
-                zl = zl + z_loss(routing)
             counts_R = torch.bincount(routing.experts_NK.reshape(-1), minlength=routing.probs_NR.shape[-1]).detach()
             out.expert_counts[name] = counts_R
             out.router_tokens[name] = int(token_N.numel())
+            if "balance" in self.active_losses:
+                prob_sum_R = routing.probs_NR.sum(dim=0)
+                out.router_prob_sums[name] = prob_sum_R
+                balance = balance + balance_from_stats(counts_R, prob_sum_R, out.router_tokens[name], self.top_k)
+            if "z" in self.active_losses:
+                zl = zl + z_loss(routing)
             for pool, col, num in context_pools:
                 score_N = preps[pool].score_T[token_N]
                 mass_N = routing.probs_NR[:, col : col + num].sum(-1)

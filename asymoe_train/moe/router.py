@@ -50,12 +50,19 @@ def balance_loss(routing: Routing) -> torch.Tensor:
     Equals 1 under perfectly uniform routing. A router with no tokens contributes 0 (still a graph node).
     """
     num_tokens, num_experts = routing.probs_NR.shape
-    counts_R = torch.zeros(num_experts, device=routing.probs_NR.device, dtype=torch.float32)
-    counts_R.index_add_(0, routing.experts_NK.reshape(-1), torch.ones_like(routing.weights_NK.reshape(-1)))
+    counts_R = torch.bincount(routing.experts_NK.reshape(-1), minlength=num_experts)
+    return balance_from_stats(counts_R, routing.probs_NR.sum(dim=0), num_tokens, routing.experts_NK.shape[-1])
+
+
+def balance_from_stats(counts_R: torch.Tensor, prob_sum_R: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """The balance loss of :func:`balance_loss` from a router's statistics: top-k assignments per expert
+    (``counts_R``, no gradient: f is a count), router probabilities summed over the tokens (``prob_sum_R``, carries
+    the gradient) and the number of tokens. Sums of these over data-parallel ranks give the loss of the global batch.
+    """
     denom = max(num_tokens, 1)
-    f_R = counts_R / (denom * routing.experts_NK.shape[-1])
-    p_R = routing.probs_NR.sum(dim=0) / denom
-    return num_experts * (f_R * p_R).sum()
+    f_R = counts_R.float() / (denom * top_k)
+    p_R = prob_sum_R / denom
+    return counts_R.shape[0] * (f_R * p_R).sum()
 
 
 def z_loss(routing: Routing) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 from asymoe_train.config.schema import LossConfig
 from asymoe_train.data.conversation import IGNORE
 from asymoe_train.models.vlm import VLMOutput
+from asymoe_train.moe.block import MoEOutput
+from asymoe_train.moe.router import balance_from_stats
 
 
 def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
@@ -34,35 +36,75 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
                weight_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
-    L_lm is normalised by the number of answer tokens in the micro-batch over all ``world_size`` data-parallel ranks
-    (one all-reduce), so a step's loss does not depend on how its batch is split over ranks: each rank contributes
-    its summed token losses / the global count, times ``world_size`` because DeepSpeed averages gradients over ranks.
-    The logged ``loss/lm`` is the global per-token loss. Auxiliary terms with weight 0 are not added (they cost
-    nothing and send no gradient); the others are per rank, and so averaged over ranks. ``weight_B`` weights each
-    sequence's answer tokens in L_lm (answer balancing); the normaliser stays the token count.
+    L_lm and the balance loss are terms of the micro-batch over all ``world_size`` data-parallel ranks (one
+    all-reduce), so a step does not depend on how its batch is split over ranks. L_lm: each rank contributes its summed
+    token losses / the global answer-token count, times ``world_size`` because DeepSpeed averages gradients over ranks.
+    Balance: the blocks return each router's statistics (``MoEOutput.router_prob_sums`` etc.); f comes from the global
+    assignment counts, and each rank contributes its summed router probabilities / the global token count, times
+    ``world_size``, so the averaged gradient is the one the global batch gives in one process. The logged ``loss/lm``
+    and ``loss/balance`` are the global values. Auxiliary terms with weight 0 are not added (they cost nothing and send
+    no gradient); the other terms (z, order, evd, and the balance loss of DeepSpeed's MoE layer, which returns no
+    statistics) are per rank, and so averaged over ranks. ``weight_B`` weights each sequence's answer tokens in L_lm
+    (answer balancing); the normaliser stays the token count.
     """
     loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B)
     lm = loss_sum / max(num_tokens, 1)
-    lm_logged = lm
-    if world_size > 1:
-        totals = torch.stack([loss_sum.detach().double(), loss_sum.new_tensor(num_tokens, dtype=torch.float64)])
-        torch.distributed.all_reduce(totals)
-        global_sum, num_tokens = totals[0], int(totals[1])
-        lm = loss_sum * (world_size / max(num_tokens, 1))
-        lm_logged = global_sum / max(num_tokens, 1)
     aux: dict[str, torch.Tensor] = {}
     names = sorted({name for o in out.moe.values() for name in o.losses})
     for name in names:  # each term averaged over the MoE layers that produce it
         aux[name] = torch.stack([o.losses[name] for o in out.moe.values() if name in o.losses]).mean()
+    logged = {"lm": lm, **aux}
+    if world_size > 1:
+        # Layers with a balance loss, if all of them return its statistics (DeepSpeed's MoE layer returns none).
+        balanced = [o for o in out.moe.values() if "balance" in o.losses]
+        balanced = balanced if all(o.router_prob_sums for o in balanced) else []
+        # One all-reduce of fixed size (every rank has the same layers and routers): the LM loss sum and answer
+        # tokens, then per layer and router its assignment counts, summed probabilities and tokens. float64 keeps
+        # the counts exact.
+        parts = [loss_sum.detach().double().reshape(1), loss_sum.new_tensor([num_tokens], dtype=torch.float64)]
+        for o in balanced:
+            for name, prob_sum_R in o.router_prob_sums.items():
+                parts += [o.expert_counts[name].double(), prob_sum_R.detach().double(),
+                          prob_sum_R.new_tensor([o.router_tokens[name]], dtype=torch.float64)]
+        totals = torch.cat(parts)
+        torch.distributed.all_reduce(totals)
+        global_sum, num_tokens = totals[0], int(totals[1])
+        lm = loss_sum * (world_size / max(num_tokens, 1))
+        logged["lm"] = global_sum / max(num_tokens, 1)
+        if balanced:
+            aux["balance"], logged["balance"] = global_balance(balanced, totals[2:], world_size)
     loss = lm
     for name, term in aux.items():
         if getattr(weights, name):
             loss = loss + getattr(weights, name) * term
-    metrics = {f"loss/{name}": float(term.detach()) for name, term in {"lm": lm_logged, **aux}.items()}
-    # the global total: this rank's auxiliary terms plus the global L_lm
-    metrics["loss/total"] = float(loss.detach()) if world_size == 1 else float((loss - lm).detach() + lm_logged)
+    metrics = {f"loss/{name}": float(term.detach()) for name, term in logged.items()}
+    if world_size == 1:
+        metrics["loss/total"] = float(loss.detach())
+    else:  # the global L_lm and balance loss plus this rank's other auxiliary terms
+        metrics["loss/total"] = metrics["loss/lm"] + sum(
+            getattr(weights, name) * metrics[f"loss/{name}"] for name in aux if getattr(weights, name))
     metrics["answer_tokens"] = num_tokens
     return loss, metrics
+
+
+def global_balance(outputs: list[MoEOutput], totals: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balance loss of the global micro-batch, averaged over MoE layers, from the blocks' router statistics and
+    ``totals``, their sums over ranks (per layer and router: counts, summed probabilities, tokens): this rank's term
+    to add to its loss (its own summed probabilities, times ``world_size`` as DeepSpeed averages gradients over ranks)
+    and the global value to log (equal to the 1-process loss on the global batch)."""
+    terms, global_terms, at = [], [], 0
+    for o in outputs:
+        term, global_term = 0.0, 0.0
+        for prob_sum_R in o.router_prob_sums.values():
+            r = prob_sum_R.shape[0]
+            counts_R, global_prob_sum_R = totals[at : at + r], totals[at + r : at + 2 * r].float()
+            num_tokens = int(totals[at + 2 * r])
+            at += 2 * r + 1
+            term = term + balance_from_stats(counts_R, prob_sum_R * world_size, num_tokens, o.top_k)
+            global_term = global_term + balance_from_stats(counts_R, global_prob_sum_R, num_tokens, o.top_k)
+        terms.append(term)
+        global_terms.append(global_term)
+    return torch.stack(terms).mean(), torch.stack(global_terms).mean()
 
 
 def answer_loglik(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
