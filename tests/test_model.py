@@ -146,12 +146,15 @@ def test_parameter_counts_on_the_meta_device(variant):
     assert counted == real.parameter_counts()
 
 
-def test_upcycling_is_reproducible_from_its_generator():
-    """Routers and expert noise come from the generator, not the global RNG, so a resumed or rebuilt stage model is
-    the same model (exact resume depends on it)."""
+@pytest.mark.parametrize("variant", ["moiie", "asymoe"])
+def test_upcycling_is_reproducible_from_its_generator(variant):
+    """Routers, expert noise and the evidence experts' q/k/v come from the generator, not the global RNG, so a resumed
+    or rebuilt stage model is the same model (exact resume depends on it) and runs repeat exactly."""
     from dataclasses import replace
 
-    cfg = tiny(replace(MOIIE, upcycle_noise_std=0.01))
+    from test_asymoe import asymoe_cfg
+
+    cfg = tiny(replace(MOIIE if variant == "moiie" else asymoe_cfg(), upcycle_noise_std=0.01))
     models = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)

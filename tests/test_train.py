@@ -75,3 +75,35 @@ def test_counterfactual_evidence_loss_trains(tmp_path, demo_data):
     counterfactual = [m["loss/evd_counterfactual"] for m in metrics if "loss/evd_counterfactual" in m]
     assert len(counterfactual) == 3 and all(x >= 0 for x in counterfactual)
     assert not any("loss/evd" in m for m in metrics)  # the routing form is off
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_variant_from_another_runs_finished_stage(tmp_path, demo_data):
+    """One align-only run feeds a variant's instruct stage (``init_from``): its steps equal those of the same variant
+    trained through both stages in one run, exactly; a model that does not match the checkpoint is refused at start."""
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "asymoe_train.cli", "experiment=demo", f"data.root={demo_data}",
+               "logger.mode=disabled", *SHORT, *overrides]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path,
+                              start_new_session=True)
+
+    def steps(run_dir) -> list[tuple[int, float, float]]:
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        return [(m["step"], m["loss/lm"], m["grad_norm"]) for m in rows if m.get("stage") == 1]
+
+    align = tmp_path / "align"
+    proc = train("~curriculum.stages.instruct", f"hydra.run.dir={align}")  # the dense stage only (default variant)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    init = f"init_from={align}/checkpoints/align"
+    proc = train("model/moe=asymoe", init, f"hydra.run.dir={tmp_path / 'from_align'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "from_align" / "checkpoints" / "align")  # that stage was not trained again
+    assert json.load(open(tmp_path / "from_align" / "eval" / "instruct.json"))["splits"]["test"]["num_questions"]
+    proc = train("model/moe=asymoe", f"hydra.run.dir={tmp_path / 'whole'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed, whole = steps(tmp_path / "from_align"), steps(tmp_path / "whole")
+    assert [s for s, _, _ in resumed] == [4, 5, 6]  # the global step continues from the align run's
+    assert resumed == whole  # bit for bit: the same weights, data, upcycling and routing
+    proc = train("model.lm.intermediate_size=256", init, f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0
+    assert "model.lm" in proc.stdout + proc.stderr and "init_from" in proc.stdout + proc.stderr

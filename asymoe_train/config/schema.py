@@ -322,3 +322,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory
+    # a finished stage of another run (its checkpoints/<stage> directory): this run skips that stage and the ones
+    # before it and starts the next from its weights, with this run's own later stages and, while the weights are
+    # still dense (no stage up to it upcycles), its own model.moe. One align run can so feed several variants.
+    init_from: str = ""

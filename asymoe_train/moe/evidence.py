@@ -116,8 +116,13 @@ class EvidenceExperts(nn.Module):
         return torch.cat(outputs, dim=0)
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
-        """The memory branch copies the dense MLP; the evidence branch keeps its zero output projection."""
+        """The memory branch copies the dense MLP; the evidence branch keeps its zero output projection. Its q, k, v
+        projections are drawn again from ``generator`` when one is given, so an upcycled run is reproducible (the
+        global RNG that built them is whatever state the process is in)."""
         self.memory.upcycle_from(mlp, noise_std, generator)
+        if generator is not None:
+            draw = torch.randn(self.qkv_E3XD.shape, generator=generator, dtype=torch.float32)
+            self.qkv_E3XD.data.copy_(draw * self.qkv_E3XD.shape[-1] ** -0.5)
 
     def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters split over expert-parallel ranks (dim 0 = the experts held here): the memory branches."""

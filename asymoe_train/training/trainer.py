@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from omegaconf import OmegaConf
@@ -31,6 +31,7 @@ from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
 from asymoe_train.training.checkpoint import (
+    STATE,
     TrainerState,
     complete_checkpoints,
     config_hash,
@@ -143,13 +144,14 @@ class Trainer:
         if mode == "none":
             if self.rank == 0 and complete_checkpoints(self.run_dir):
                 log.warning("%s holds checkpoints; starting over (resume=auto continues from them)", self.run_dir)
-            return None
+            return self.find_init()
         if mode == "auto":
             found = complete_checkpoints(self.run_dir)
             if not found:
                 if self.rank == 0:
-                    log.info(f"resume=auto: no complete checkpoint in {self.run_dir}/checkpoints; starting afresh")
-                return None
+                    log.info(f"resume=auto: no complete checkpoint in {self.run_dir}/checkpoints; starting afresh"
+                             + (f" from init_from={self.cfg.init_from}" if self.cfg.init_from else ""))
+                return self.find_init()
             state, path = found[-1]
         else:
             if not os.path.isfile(os.path.join(mode, "COMPLETE")):
@@ -176,6 +178,40 @@ class Trainer:
         if self.rank == 0:
             log.info(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
         return state, path
+
+    def find_init(self) -> tuple[TrainerState, str] | None:
+        """``init_from``: another run's finished stage, which this run treats as its own finished stage (the stages up
+        to it are skipped, the next starts from its weights) in a new W&B run. The skipped stages must be configured
+        as that run had them, and the model as well, except model.moe while the weights are still dense."""
+        path = self.cfg.init_from
+        if not path:
+            return None
+        if not os.path.isfile(os.path.join(path, "COMPLETE")) or not os.path.isfile(os.path.join(path, STATE)):
+            raise FileNotFoundError(f"init_from={path}: not a complete checkpoint directory (no COMPLETE marker or "
+                                    f"{STATE}); name a finished stage of another run, e.g. <run_dir>/checkpoints/align")
+        state = TrainerState.load(path)
+        names = list(self.cfg.curriculum.stages)
+        if not state.stage_done:
+            raise ValueError(f"init_from={path}: a mid-stage checkpoint (stage {state.stage!r}, step {state.step}); "
+                             "init_from takes a finished stage (checkpoints/<stage>), resume=<dir> continues a stage")
+        if state.stage not in names[:-1] or names.index(state.stage) != state.stage_index:
+            raise ValueError(f"init_from={path}: its stage {state.stage!r} (#{state.stage_index}) must be one of this "
+                             f"run's curriculum.stages {names} at the same place, and not the last")
+        saved, now = OmegaConf.create(state.config), OmegaConf.create(self.config_yaml)
+        done = names[: state.stage_index + 1]
+        saved_steps = per_step(saved.curriculum, state.layout.get("world_size", 1)).stages
+        now_steps = per_step(now.curriculum, self.world_size).stages
+        differ = [f"curriculum.stages.{name}" for name in done if saved_steps.get(name) != now_steps[name]]
+        dense = not upcycled_after(self.cfg.curriculum.stages, state.stage)
+        differ += [f"model.{key}" for key in now.model
+                   if saved.model.get(key) != now.model[key] and not (dense and key == "moe")]
+        if differ:
+            raise ValueError(f"init_from={path}: this run's {differ} differ from the config that checkpoint was "
+                             f"trained with ({path}/{STATE} holds it); set them as there, or train those stages here")
+        if self.rank == 0:
+            log.info(f"init_from={path}: stages {done} come from there (global step {state.global_step}); "
+                     f"{names[state.stage_index + 1]} starts from its weights")
+        return replace(state, wandb_id="", data_position={}), path
 
     def check_layout(self, state: TrainerState, path: str) -> None:
         """A mid-stage checkpoint resumes on another layout (world size, ep_size, ZeRO stage, precision) when its
@@ -236,7 +272,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------ model
     def stage_checkpoint(self, stage: str) -> str:
         """Where a finished stage's weights are: this run's ``checkpoints/<stage>``, or the checkpoint a run resumed
-        from when that is the stage's end (``resume=<dir>`` may name another run's)."""
+        from when that is the stage's end (``resume=<dir>`` and ``init_from`` may name another run's)."""
         if self.resume_from and self.resume_from[0].stage == stage and self.resume_from[0].stage_done:
             return self.resume_from[1]
         return os.path.join(self.run_dir, "checkpoints", stage)
@@ -330,16 +366,17 @@ class Trainer:
         return results
 
     def finished_stage(self, index: int, name: str, stage: StageConfig) -> dict:
-        """A stage a resumed run has behind it: its eval results, evaluating now if the run stopped before that."""
-        path = os.path.join(self.run_dir, "eval", f"{name}.json")
-        if not stage.eval or self.rank != 0:
+        """A stage a resumed run has behind it: its eval results, evaluating now if the run stopped before that. A
+        stage that another run trained (``init_from``) was evaluated there."""
+        path, checkpoint = os.path.join(self.run_dir, "eval", f"{name}.json"), self.stage_checkpoint(name)
+        if not stage.eval or self.rank != 0 or checkpoint == self.cfg.init_from or not os.path.isdir(checkpoint):
             return {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)["splits"]
         model = load_stage_model(self.cfg.model, self.cfg.curriculum.stages, self.run_dir, name,
                                  self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed,
-                                 self.stage_checkpoint(name))
+                                 checkpoint)
         return self.evaluate(model, name, torch.device("cpu"))
 
     def run_stage(self, index: int, name: str, stage: StageConfig,
