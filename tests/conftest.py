@@ -7,7 +7,7 @@ import io
 import json
 import os
 import sys
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,3 +119,42 @@ def demo_data(recipe, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("easy_vqa"))
     recipe.build(out)
     return out
+
+
+# ------------------------------------------------------------------------------- the short demo on 1 and 2 processes
+# Session-scoped: tests/test_ep.py checks these runs' numerics and tests/test_distributed.py their data streams, so
+# each launch (seconds of imports per process) happens once. The commands are tests/test_ep.py's ``train``.
+@pytest.fixture(scope="session")
+def demo_one_process(demo_data, tmp_path_factory):
+    """The short demo on 1 process, EP=1, ZeRO-0, 8 images per step, checkpoints every 5 steps: its run dir."""
+    from test_ep import ONE_RANK, train
+
+    run_dir = tmp_path_factory.mktemp("demo-one") / "one"
+    train(1, run_dir, demo_data, *ONE_RANK)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_two_ranks(demo_data, tmp_path_factory):
+    """The same global batches by 2 processes (torchrun), EP=2, ZeRO-2, W&B offline; each rank asks for a run
+    directory of its own (``two-<RANK>``), the job must still get one: ``run_dir`` (two-0) and the launch ``proc``."""
+    from test_ep import TWO_RANKS, train
+
+    parent = tmp_path_factory.mktemp("demo-two")
+    proc = train(2, f"{parent}/two-${{oc.env:RANK}}", demo_data, *TWO_RANKS, "engine.zero_stage=2", logger="offline")
+    return SimpleNamespace(run_dir=parent / "two-0", proc=proc)
+
+
+@pytest.fixture(scope="session")
+def demo_resumed(demo_one_process, demo_data, tmp_path_factory):
+    """The 1-process run's ZeRO-0 checkpoint after instruct step 10 resumed by 2 processes, EP=2 (``two``, launch
+    ``two_proc``); that run's checkpoint after step 15 (``written``) resumed by 1 process, EP=1 (``one``,
+    ``one_proc``)."""
+    from test_ep import ONE_RANK, TWO_RANKS, checkpoint, train
+
+    root = tmp_path_factory.mktemp("demo-resumed")
+    two, one = root / "two", root / "one"
+    two_proc = train(2, two, demo_data, *TWO_RANKS, f"resume={checkpoint(demo_one_process, 'instruct-step0000010')}")
+    written = checkpoint(two, "instruct-step0000015")
+    one_proc = train(1, one, demo_data, *ONE_RANK, f"resume={written}")
+    return SimpleNamespace(two=two, two_proc=two_proc, written=written, one=one, one_proc=one_proc)

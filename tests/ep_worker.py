@@ -12,17 +12,28 @@ Then ``mismatch``: rank 0 runs one MoE layer more than rank 1; rank 0 must fail 
 with an error naming its rank and the layer. One launch runs both (``ep_worker.py EP_TIMEOUT_S MISMATCH_TIMEOUT_S``),
 as every launch costs each rank its imports.
 
+Run with plain ``python``, the script is its own launcher (:func:`fork_ranks`): it imports torch, DeepSpeed and the
+package once, then forks the two ranks with the environment torchrun gives them (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ...), so they do not pay those ~10 s of imports again. Under torchrun it runs as one rank.
+
 # B sequences, T positions, D model dim
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import random
+import signal
+import socket
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -271,26 +282,113 @@ def mismatch(ep, timeout_s: int) -> dict:
     x, modality = batch["x"][rows], batch["modality"][ep.rank * 2 : ep.rank * 2 + 2]
     ctx = TokenContext((2, 6), batch["context"][ep.rank * 2 : ep.rank * 2 + 2], modality)
     block(x, modality.reshape(-1), ctx)  # both ranks
+    store = dist.distributed_c10d._get_default_store()  # not the group under test: tells rank 1 when to leave
     if ep.rank == 1:
-        time.sleep(1.5 * group_timeout(ep.group).total_seconds())  # skips the next layer, stays alive meanwhile
+        # skips the next layer and stays alive meanwhile (so rank 0 meets the timeout, not a closed connection):
+        # until rank 0 has failed, at most 1.5 timeouts
+        with contextlib.suppress(RuntimeError):
+            store.wait(["mismatch/rank0-done"], timedelta(seconds=1.5 * group_timeout(ep.group).total_seconds()))
         return {"rank": 1}
     start = time.perf_counter()
     try:
         block(x, modality.reshape(-1), ctx)
     except RuntimeError as exn:
         return {"rank": 0, "error": str(exn)[:600], "seconds": time.perf_counter() - start}
+    finally:
+        store.set("mismatch/rank0-done", "1")
     return {"rank": 0, "error": None}
 
 
-def main() -> None:
-    ep_timeout, mismatch_timeout = int(sys.argv[1]), int(sys.argv[2])
+# Imported by the launching parent before it forks, so that no rank imports them again: what the ranks use, and what
+# DeepSpeed imports lazily when it builds its first engine (its Muon optimizer check compiles with torch.compile).
+WARM_IMPORTS = ("deepspeed", "deepspeed.ops", "deepspeed.runtime.engine", "deepspeed.moe.utils", "deepspeed.utils",
+                "deepspeed.runtime.zero.muon.muon_optimizer", "torch._dynamo", "torch._inductor.compile_fx",
+                "asymoe_train.models.vlm", "asymoe_train.distributed.deepspeed_moe", "asymoe_train.training.checkpoint",
+                "asymoe_train.training.schedule", "safetensors.torch")
+
+
+def warm_imports() -> None:
+    """Import :data:`WARM_IMPORTS` (best effort: a module another DeepSpeed version lacks is skipped)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for name in WARM_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fork_ranks(nproc: int, rank_main: Callable[..., object], *args) -> list:
+    """torchrun --standalone without the imports: fork ``nproc`` ranks of one job from this process (which has
+    imported what they need, and must hold no process group and no threads), each with torchrun's environment; run
+    ``rank_main(*args)`` in each and return their JSON-able results, by rank. Each rank leaves with ``os._exit``
+    (after a mismatch a peer may be gone, so no teardown). When a rank fails, the others are killed at once (they
+    would wait for it in a collective) and this raises. The launcher's hard timeout covers the ranks: they stay in
+    this process's process group."""
+    sys.stdout.flush()  # or each rank would write the parent's buffered output again
+    sys.stderr.flush()
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="ranks-") as scratch:
+        pids = {}
+        for rank in range(nproc):
+            pid = os.fork()
+            if pid == 0:  # the rank
+                code = 1
+                try:
+                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(nproc),
+                                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                    result = rank_main(*args)
+                    with open(os.path.join(scratch, f"rank{rank}.json"), "w") as f:
+                        json.dump(result, f)
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            pids[pid] = rank
+        failed = []
+        while pids:
+            pid, status = os.wait()
+            rank = pids.pop(pid, None)
+            if rank is not None and os.waitstatus_to_exitcode(status) != 0:
+                failed.append((rank, os.waitstatus_to_exitcode(status)))
+                for other in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(other, signal.SIGKILL)
+        if failed:
+            raise RuntimeError(f"rank(s) failed (rank, exit code): {failed}")
+        results = []
+        for rank in range(nproc):
+            with open(os.path.join(scratch, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+        return results
+
+
+def rank_main(ep_timeout: int, mismatch_timeout: int) -> dict:
+    """One rank: the numerics, then the mismatch (last: it leaves a collective unmatched)."""
     torch.set_num_threads(1)
     engine = EngineConfig(ep_size=2, ep_timeout_s=ep_timeout, dist_timeout_s=120)
     init_distributed(engine)
     ep = init_expert_parallel(engine)
     result = numerics(ep)
-    result["mismatch"] = mismatch(ep, mismatch_timeout)  # last: it leaves a collective unmatched
-    print("RESULT " + json.dumps(result), flush=True)
+    result["mismatch"] = mismatch(ep, mismatch_timeout)
+    return result
+
+
+def main() -> None:
+    ep_timeout, mismatch_timeout = int(sys.argv[1]), int(sys.argv[2])
+    if "RANK" in os.environ:  # one rank of a torchrun job
+        results = [rank_main(ep_timeout, mismatch_timeout)]
+    else:
+        warm_imports()
+        results = fork_ranks(2, rank_main, ep_timeout, mismatch_timeout)
+    for result in results:
+        print("RESULT " + json.dumps(result), flush=True)
     # leave without tearing the groups down: after a mismatch the peer may be gone
     sys.stdout.flush()
     os._exit(0)

@@ -13,9 +13,14 @@ picks the ZeRO stage and precision of both):
 After each checkpoint a phase writes the reference state: every parameter's fp32 master weights, Adam moments and
 step, read with DeepSpeed's own per-parameter API (``safe_get_full_*``, collectives) or the torch optimizer, experts
 gathered on rank 0. After a resume, the state the optimizer holds is compared with the writer's reference (it must be
-equal: resharding only moves numbers). Rank 0 prints ``RESULT {json}`` with the losses and those differences.
+equal: resharding only moves numbers). Rank 0 reports the losses and those differences (``RESULT`` lines).
 ``resume1`` also reports a control (the same steps after a resume of the weights with a fresh optimizer) and, for bf16
 without ZeRO, a resume of its own checkpoint on its own layout.
+
+``reshard_worker.py WORKDIR`` runs the three phases in turn, each on ranks forked from this process
+(:func:`ep_worker.fork_ranks`: torchrun's environment without importing torch and DeepSpeed again for every rank
+of every phase), and prints ``RESULT <phase> {json}`` for each. ``reshard_worker.py PHASE WORKDIR`` runs one phase as
+one rank (under torchrun, or alone for ``resume1``).
 
 # B sequences, T positions
 """
@@ -28,7 +33,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from ep_worker import variant
+from ep_worker import fork_ranks, variant, warm_imports
 from safetensors.torch import load_file, save_file
 
 from asymoe_train.config.schema import EngineConfig, LMConfig, ModelConfig, StageConfig, VisionConfig
@@ -182,16 +187,31 @@ def run(phase: str, workdir: str, scenario: str, rank: int, world_size: int, ep)
     return result
 
 
-def main() -> None:
-    phase, workdir = sys.argv[1], sys.argv[2]
+PHASES = {"train": 2, "resume1": 1, "resume2": 2}  # phase -> ranks (layout A: 2 ranks, B: 1 rank)
+
+
+def rank_main(phase: str, workdir: str) -> dict | None:
+    """One rank of ``phase``: every scenario; the results on rank 0, None elsewhere."""
     torch.set_num_threads(1)
-    _, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     init_distributed(EngineConfig(dist_timeout_s=60))
     ep = init_expert_parallel(EngineConfig(ep_size=world_size, ep_timeout_s=60))
     rank = dist.get_rank()
     results = {scenario: run(phase, workdir, scenario, rank, world_size, ep) for scenario in SCENARIOS}
-    if rank == 0:
-        print("RESULT " + json.dumps(results), flush=True)
+    return results if rank == 0 else None
+
+
+def main() -> None:
+    if len(sys.argv) == 3:  # one phase, one rank
+        results = rank_main(sys.argv[1], sys.argv[2])
+        if results is not None:
+            print("RESULT " + json.dumps(results), flush=True)
+        return
+    workdir = sys.argv[1]
+    warm_imports()
+    for phase, nproc in PHASES.items():
+        results = fork_ranks(nproc, rank_main, phase, workdir)[0]
+        print(f"RESULT {phase} " + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":

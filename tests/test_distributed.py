@@ -1,4 +1,11 @@
-"""Two gloo processes on CPU (torchrun), always under a hard timeout that kills the whole process group."""
+"""Two gloo processes on CPU (torchrun), always under a hard timeout that kills the whole process group
+(:func:`run_group`, which tests/test_ep.py and tests/test_reshard.py launch with too).
+
+The data streams of a job on 2 ranks, and of its checkpoint resumed on 1 rank. The launches are the short demo runs
+of tests/test_ep.py (session fixtures of conftest.py: ``demo_two_ranks``, the demo trained by 2 processes with EP=2
+and ZeRO-2, and ``demo_resumed``, whose 2-process run with EP=2 and ZeRO-0 checkpoints after instruct step 15 and is
+resumed from there by 1 process), so these checks cost no launch of their own.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
-from test_resume import RUN, history
-from test_train import clean_env
+from test_resume import history
 
 from asymoe_train.training.checkpoint import TrainerState, complete_checkpoints
 
@@ -32,13 +37,6 @@ def run_group(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def torchrun(nproc: int, run_dir, data_root: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return run_group([*launcher, "-m", "asymoe_train.cli", *RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}",
-                      *extra], env)
-
-
 def keys_by_rank(run_dir) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
     for name in sorted(os.listdir(run_dir / "data_keys")):
@@ -48,33 +46,38 @@ def keys_by_rank(run_dir) -> dict[str, list[str]]:
 
 
 @pytest.mark.distributed
-def test_two_ranks_train_and_resume_on_one_rank(tmp_path, demo_data):
-    two = tmp_path / "two"
-    proc = torchrun(2, two, demo_data, "curriculum.stages.instruct.eval=false")
-    assert proc.stdout.count("run_dir: ") == 1  # rank 0 reports; one run directory for the job
+def test_two_ranks_train_and_resume_on_one_rank(demo_two_ranks, demo_resumed):
+    """2 ranks train from scratch: one run directory, every global step once, each rank its own micro-batches, and
+    checkpoints holding both ranks' stream positions. A mid-stage checkpoint of 2 ranks (ZeRO-0) continues on 1 rank
+    exactly where every stream left off: the samples it reads account for all the stream positions advanced."""
+    two = demo_two_ranks.run_dir
+    assert demo_two_ranks.proc.stdout.count("run_dir: ") == 1  # rank 0 reports; one run directory for the job
     state, path = complete_checkpoints(two)[-1]
     assert state.stage_done and state.layout["world_size"] == 2
     by_rank = keys_by_rank(two)
     assert sorted(by_rank) == ["rank0.jsonl", "rank1.jsonl"]
-    # each rank read its own micro-batches: 4 x 4 captions and 8 x 2 QA images
-    assert [len(keys) for keys in by_rank.values()] == [4 * 4 + 8 * 2] * 2
+    # each rank read its own micro-batches: 3 x 4 captions and 20 x 4 QA images
+    assert [len(keys) for keys in by_rank.values()] == [3 * 4 + 20 * 4] * 2
     assert by_rank["rank0.jsonl"] != by_rank["rank1.jsonl"]
     # every rank ran every step: the per-step metrics exist once per global step
     losses, _ = history(two)
-    assert sorted(losses) == list(range(1, 13))
+    assert sorted(losses) == list(range(1, 24))
+    # a mid-stage checkpoint of this run (fresh on 2 ranks: each rank holds only its own streams) has them all
+    mid = [TrainerState.load(p) for s, p in complete_checkpoints(two) if s.stage == "instruct" and not s.stage_done]
+    assert mid and all(len(saved.data_position) == 8 for saved in mid)  # both ranks' streams, gathered
 
-    # the mid-stage checkpoint of the 2-rank run continues on 1 rank (ZeRO-0: the optimizer state is whole)
-    mid = next(p for s, p in complete_checkpoints(two) if s.stage == "instruct" and s.step == 4)
+    # the mid-stage checkpoint of a 2-rank run continues on 1 rank (ZeRO-0: the optimizer state is whole)
+    mid = demo_resumed.written
     saved = TrainerState.load(mid)
-    assert len(saved.data_position) == 8  # both ranks' streams, gathered
-    one = tmp_path / "one"
-    proc = torchrun(1, one, demo_data, f"resume={mid}", "curriculum.stages.instruct.eval=false")
-    assert f"resuming from {mid}: stage instruct, step 4" in proc.stdout
+    assert saved.layout["world_size"] == 2 and not saved.stage_done
+    assert len(saved.data_position) == 8
+    one = demo_resumed.one
+    assert f"resuming from {mid}: stage instruct, step 15" in demo_resumed.one_proc.stdout
     losses_one, keys_one = history(one)
-    assert sorted(losses_one) == list(range(9, 13))  # global steps after the checkpoint
+    assert sorted(losses_one) == list(range(19, 24))  # global steps after the checkpoint (3 align + 15)
     # each stream continued where the 2-rank run left it: the 1-rank run's samples are new to every stream, and its
     # final positions account for the samples of both runs up to the checkpoint plus its own
     final = TrainerState.load(complete_checkpoints(one)[-1][1]).data_position
     taken = {s: final[s][2] - saved.data_position.get(s, (0, 0, 0))[2] for s in final}
     consumed = Counter(k for (stage, _, _), batch in keys_one.items() if stage == "instruct" for k in batch)
-    assert sum(taken.values()) == sum(consumed.values()) == 4 * 2
+    assert sum(taken.values()) == sum(consumed.values()) == 5 * 8

@@ -1,5 +1,6 @@
-"""Expert parallelism: two gloo processes on CPU (OMP_NUM_THREADS=1), each launch under a hard timeout that kills its
-whole process group (``run_group``), plus in-process checks of partitioning, consolidated weights and validation.
+"""Expert parallelism: two gloo processes on CPU (OMP_NUM_THREADS=1; the demo by torchrun, tests/ep_worker.py forking
+its two ranks after importing once), each launch under a hard timeout that kills its whole process group
+(``run_group``), plus in-process checks of partitioning, consolidated weights and validation.
 
 * EP=2 equals EP=1 on the same global batch (outputs, input gradients, every parameter's gradient, the global
   gradient norm) for vanilla, moiie and asymoe, and over 20 randomized trials of uneven and zero token counts per
@@ -12,7 +13,10 @@ whole process group (``run_group``), plus in-process checks of partitioning, con
   and consolidated weights;
 * a ZeRO-0 checkpoint of the 1-process run resumes on 2 ranks with EP=2, and one of that run on 1 rank with EP=1,
   both continuing the 1-process losses and gradient norms (ZeRO-0 clipping), the optimizer state resharded by
-  parameter name.
+  parameter name, each step reading the samples the 1-process run read.
+
+The demo runs are session fixtures of conftest.py (``demo_one_process``, ``demo_two_ranks``, ``demo_resumed``, started
+by :func:`train` here): tests/test_distributed.py checks the data streams of the same launches.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ DEMO = [
     "curriculum.stages.instruct.steps=20", "curriculum.stages.instruct.warmup_steps=2",
     "curriculum.stages.align.eval=false", "curriculum.stages.instruct.eval=false", "logger.log_every=1",
     "logger.progress=false", "data.shuffle_buffer=20", "checkpoint.every_steps=5", "checkpoint.keep_last=4",
+    "data.record_keys=true",  # each rank's sample keys per step, in <run_dir>/data_keys/rank<r>.jsonl
+    "data.augment=dihedral",  # drawn per sample by stream position: the same on any layout
 ]
 ONE_RANK = ["curriculum.stages.align.batch_size=8", "curriculum.stages.instruct.batch_size=8"]
 TWO_RANKS = ["curriculum.stages.align.batch_size=4", "curriculum.stages.instruct.batch_size=4", "engine.ep_size=2"]
@@ -71,16 +77,9 @@ def torchrun(nproc: int, *args: str):
     return run_group([*launcher, *args], env())
 
 
-DATA_ROOT: list[str] = []  # data.root of the demo shards, set by the ``data_root`` fixture
-
-
-@pytest.fixture(autouse=True, scope="module")
-def data_root(demo_data):
-    DATA_ROOT[:] = [demo_data]
-
-
-def train(nproc: int, run_dir, *extra: str, logger: str = "disabled"):
-    cli = ["-m", "asymoe_train.cli", *DEMO, f"data.root={DATA_ROOT[0]}", f"logger.mode={logger}",
+def train(nproc: int, run_dir, data_root: str, *extra: str, logger: str = "disabled"):
+    """The short demo on ``nproc`` processes (torchrun for 2), under run_group's hard timeout."""
+    cli = ["-m", "asymoe_train.cli", *DEMO, f"data.root={data_root}", f"logger.mode={logger}",
            f"hydra.run.dir={run_dir}", *extra]
     if nproc == 1:
         return run_group([sys.executable, *cli], env())
@@ -111,6 +110,22 @@ def assert_matches(run_dir, reference_dir) -> None:
     assert max(abs(norms[s] / reference[s] - 1) for s in norms) < GRAD_NORM_RTOL, (norms, reference)
 
 
+def samples(run_dir) -> dict[tuple[str, int], list[str]]:
+    """The sample keys of each (stage, step), all ranks and micro-batches together, sorted."""
+    steps: dict[tuple[str, int], list[str]] = {}
+    for name in sorted(os.listdir(os.path.join(run_dir, "data_keys"))):
+        with open(os.path.join(run_dir, "data_keys", name)) as f:
+            for record in map(json.loads, f):
+                steps.setdefault((record["stage"], record["step"]), []).extend(record["keys"])
+    return {step: sorted(keys) for step, keys in steps.items()}
+
+
+def assert_reads_like(run_dir, reference_dir) -> None:
+    """Every step of the run read exactly the samples the reference read at that step (none skipped or repeated)."""
+    steps, reference = samples(run_dir), samples(reference_dir)
+    assert steps and all(steps[s] == reference[s] for s in steps), sorted(s for s in steps if steps[s] != reference[s])
+
+
 def demo_model(demo_data: str, dispatcher=None):
     """The demo's model, upcycled (random weights), with ``dispatcher`` injected."""
     cfg = load(demo_data, "experiment=demo")
@@ -130,14 +145,18 @@ def checkpoint(run_dir, name: str) -> str:
 # ----------------------------------------------------------------------------------------------- two processes
 @pytest.fixture(scope="module")
 def ep_workers() -> dict[int, dict]:
-    """One 2-rank launch of tests/ep_worker.py (the numerics, then the mismatch): each rank's results."""
-    by_rank = results(torchrun(2, WORKER, "60", str(MISMATCH_TIMEOUT_S)))
+    """One launch of tests/ep_worker.py, which forks the 2 ranks (the numerics, then the mismatch): each rank's
+    results."""
+    by_rank = results(run_group([sys.executable, WORKER, "60", str(MISMATCH_TIMEOUT_S)], env()))
     assert sorted(by_rank) == [0, 1]
     return by_rank
 
 
 @pytest.mark.distributed
 def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts(ep_workers):
+    """EP=2 against EP=1 on the same global batch (outputs, input and parameter gradients, gradient norm within
+    1e-5) for vanilla, moiie and asymoe, 20 randomized trials of uneven and zero token counts, DeepSpeed's MoE layer
+    on uneven batches, and EP=2 + ZeRO-2 training while one rank's batches hold no image."""
     by_rank = ep_workers
     for rank, result in by_rank.items():
         # the expert groups take engine.ep_timeout_s, not torch's 30-minute default or dist_timeout_s (120 s)
@@ -162,33 +181,28 @@ def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts(ep_workers):
 
 @pytest.mark.distributed
 def test_a_rank_that_skips_a_layer_fails_fast_naming_rank_and_layer(ep_workers):
+    """The rank that runs one MoE layer more fails within the expert-parallel timeout, naming its rank and layer."""
     error = ep_workers[0]["mismatch"]
     assert error["error"] is not None
     assert "rank 0" in error["error"] and "lm.model.layers.3.mlp" in error["error"]
     assert error["seconds"] < 2 * MISMATCH_TIMEOUT_S  # the expert-parallel timeout, not torch's 30 minutes
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, demo_data):
-    """The demo on 1 process, EP=1, ZeRO-0, 8 images per step, checkpoints every 5 steps."""
-    run_dir = tmp_path_factory.mktemp("ep") / "one"
-    train(1, run_dir, *ONE_RANK)
-    return run_dir
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_demo_on_two_ranks_with_ep2_and_zero2_matches_one_process(one_process, tmp_path):
-    # each rank asks for a directory of its own (as timestamped defaults can differ); the job still gets one
-    run_dir = tmp_path / "two-0"
-    proc = train(2, f"{tmp_path}/two-${{oc.env:RANK}}", *TWO_RANKS, "engine.zero_stage=2", "data.record_keys=true",
-                 logger="offline")
+def test_demo_on_two_ranks_with_ep2_and_zero2_matches_one_process(demo_one_process, demo_two_ranks):
+    """The demo by 2 processes with EP=2 and ZeRO-2 has the per-step LM loss (1e-4) and gradient norm of 1 process
+    at the same global batch, reads its samples, and writes one run directory, one W&B run and weights holding every
+    expert."""
+    one_process, run_dir, proc = demo_one_process, demo_two_ranks.run_dir, demo_two_ranks.proc
     assert sorted(lm_losses(run_dir)) == sorted(lm_losses(one_process)) == list(range(1, 24))
     assert_matches(run_dir, one_process)  # ZeRO-2 clips in its optimizer, by a norm that counts every expert once
-    # one run directory and one W&B run for the job, both rank 0's
+    assert_reads_like(run_dir, one_process)
+    # one run directory and one W&B run for the job, both rank 0's (each rank asked for a directory of its own,
+    # two-<RANK>, as timestamped defaults can differ)
     assert proc.stdout.count("run_dir: ") == 1
     assert len([d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-")]) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-0"]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["two-0"]
     assert sorted(os.listdir(run_dir / "data_keys")) == ["rank0.jsonl", "rank1.jsonl"]
     state, path = complete_checkpoints(run_dir)[-1]
     assert state.layout == {"world_size": 2, "ep_size": 2, "zero_stage": 2, "precision": "fp32"}
@@ -202,14 +216,18 @@ def test_demo_on_two_ranks_with_ep2_and_zero2_matches_one_process(one_process, t
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_zero0_checkpoints_resume_from_ep1_on_ep2_and_back(one_process, tmp_path, demo_data):
+def test_zero0_checkpoints_resume_from_ep1_on_ep2_and_back(demo_one_process, demo_resumed, demo_data):
+    """The 1-process run's ZeRO-0 checkpoint after instruct step 10 resumes on 2 ranks with EP=2, and that run's
+    after step 15 on 1 rank with EP=1: both continue the 1-process losses and gradient norms, reading its samples,
+    and the optimizer state regrouped by parameter name is the 1-process run's."""
+    one_process = demo_one_process
     # 1 rank, EP=1 -> 2 ranks, EP=2
-    two = tmp_path / "two"
-    train(2, two, *TWO_RANKS, f"resume={checkpoint(one_process, 'instruct-step0000010')}")
+    two = demo_resumed.two
     assert sorted(lm_losses(two)) == list(range(14, 24))  # the global steps after the checkpoint (3 align + 10)
     assert_matches(two, one_process)  # ZeRO-0: clipped by expert_parallel.grad_norm, not DeepSpeed's
+    assert_reads_like(two, one_process)
     # its step-15 optimizer state, regrouped by name for 1 rank, is the 1-process run's at step 15
-    written = checkpoint(two, "instruct-step0000015")
+    written = demo_resumed.written
     assert TrainerState.load(written).layout["ep_size"] == 2
     parts = [torch.load(os.path.join(written, f"optim_rank{r}.pt"), weights_only=True) for r in range(2)]
     ref = torch.load(os.path.join(checkpoint(one_process, "instruct-step0000015"), "optim_rank0.pt"),
@@ -225,10 +243,10 @@ def test_zero0_checkpoints_resume_from_ep1_on_ep2_and_back(one_process, tmp_path
             torch.testing.assert_close(entry[key], ref_state[names[index]][key], atol=1e-5, rtol=1e-3,
                                        msg=f"{names[index]} {key}")
     # 2 ranks, EP=2 -> 1 rank, EP=1
-    one = tmp_path / "one"
-    train(1, one, *ONE_RANK, f"resume={written}")
+    one = demo_resumed.one
     assert sorted(lm_losses(one)) == list(range(19, 24))
     assert_matches(one, one_process)
+    assert_reads_like(one, one_process)
 
 
 # ------------------------------------------------------------------------------------------------------ in process

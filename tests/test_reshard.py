@@ -1,6 +1,7 @@
 """Mid-stage checkpoints resume on another layout: 2 ranks with EP=2 -> 1 rank with EP=1 -> 2 ranks with EP=2, with
 ZeRO-2 on both sides, ZeRO-2 <-> ZeRO-0, bf16 ZeRO-1 <-> bf16 ZeRO-0 and fp32 ZeRO-0 <-> bf16 ZeRO-2
-(tests/reshard_worker.py; two gloo processes under a hard timeout that kills the process group).
+(tests/reshard_worker.py: one launch under a hard timeout that kills its process group, whose phases run on 2, 1 and
+2 gloo processes forked from it).
 
 After each resume the optimizer holds exactly the state the writer held (fp32 master weights, Adam moments, step, lr:
 read back with DeepSpeed's own per-parameter API), and the next steps' losses are those of the run that was not
@@ -31,24 +32,27 @@ WORKER = os.path.join(HERE, "reshard_worker.py")
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-3}
 
 
-def phase(name: str, workdir, nproc: int) -> dict:
-    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        args = [sys.executable, WORKER, name, str(workdir)]
-    else:
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER,
-                name, str(workdir)]
-    proc = run_group(args, env)
-    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    results = json.loads(line.split(" ", 1)[1])
-    return {s: {**r, "losses": {int(k): v for k, v in r["losses"].items()}} for s, r in results.items()}
+def phases(workdir) -> dict[str, dict]:
+    """The worker's three phases (train on 2 ranks, resume1 on 1, resume2 on 2) in one launch, each on ranks forked
+    from the launched process (imports once); phase -> scenario -> its results."""
+    proc = run_group([sys.executable, WORKER, str(workdir)], {**clean_env(), "OMP_NUM_THREADS": "1"})
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, name, body = line.split(" ", 2)
+            results[name] = {s: {**r, "losses": {int(k): v for k, v in r["losses"].items()}}
+                             for s, r in json.loads(body).items()}
+    assert sorted(results) == ["resume1", "resume2", "train"], proc.stdout[-2000:]
+    return results
 
 
 @pytest.mark.distributed
 def test_zero_checkpoints_resume_from_two_ranks_ep2_on_one_rank_ep1_and_back(tmp_path):
-    train = phase("train", tmp_path, 2)
-    one = phase("resume1", tmp_path, 1)
-    two = phase("resume2", tmp_path, 2)
+    """Every scenario's step-3 checkpoint of 2 ranks (EP=2) resumes on 1 rank (EP=1), and that one's step-4
+    checkpoint on 2 ranks again: the optimizer state equals the writer's, the losses continue the uninterrupted
+    run's (1e-5 fp32, 2e-3 bf16), and a fresh optimizer would not."""
+    results = phases(tmp_path)
+    train, one, two = results["train"], results["resume1"], results["resume2"]
     for scenario, ((zero_a, precision_a), (zero_b, precision_b)) in SCENARIOS.items():
         ref, resumed, back = train[scenario], one[scenario], two[scenario]
         assert resumed["layout"] == {"world_size": 1, "ep_size": 1, "zero_stage": zero_b, "precision": precision_b}

@@ -62,6 +62,10 @@ class Preempted(Exception):
         self.checkpoint, self.signum = checkpoint, signum
 
 
+# model keys that change how the model runs, not its weights: init_from may change them
+HOW_IT_RUNS = ("activation_checkpointing", "compile_moe")
+
+
 def format_count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -203,8 +207,8 @@ class Trainer:
         now_steps = per_step(now.curriculum, self.world_size).stages
         differ = [f"curriculum.stages.{name}" for name in done if saved_steps.get(name) != now_steps[name]]
         dense = not upcycled_after(self.cfg.curriculum.stages, state.stage)
-        differ += [f"model.{key}" for key in now.model
-                   if saved.model.get(key) != now.model[key] and not (dense and key == "moe")]
+        differ += [f"model.{key}" for key in now.model if saved.model.get(key) != now.model[key]
+                   and key not in HOW_IT_RUNS and not (dense and key == "moe")]
         if differ:
             raise ValueError(f"init_from={path}: this run's {differ} differ from the config that checkpoint was "
                              f"trained with ({path}/{STATE} holds it); set them as there, or train those stages here")
