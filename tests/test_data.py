@@ -379,3 +379,32 @@ def test_answer_balance_weights_equalise_answers_within_each_group(tmp_path, tok
     assert float(weighted) == pytest.approx(float(sum(w * s for w, s in zip(expected, per_sequence, strict=True))),
                                             rel=1e-5)
     assert count == lm_loss_sum(logits, batch.labels_BT)[1]
+
+
+def test_question_prior_baseline_answers_from_training_priors_alone(tmp_path, tokenizer):
+    """The blind baseline: the training turns' most common answer to the same question text, else the family's; it
+    reads the turns in the order evaluation does, so its first N questions are the eval's first N."""
+    from asymoe_train.data.pipeline import qa_turns, shard_files
+    from asymoe_train.evaluation.vqa import question_prior_baseline
+
+    samples = []
+    for i in range(6):  # "is there a circle?" yes 4 of 6; "what color?" red 5 of 6
+        pairs = [("is there a circle?", "yes" if i < 4 else "no"), ("what color is the shape?", "red" if i else "blue")]
+        samples.append({"__key__": f"s{i:04d}", "png": image_bytes(), "json": json.dumps({
+            "conversations": conversation(*pairs), "family": ["yes/no", "colour"]}).encode()})
+    write_shards(tmp_path / "train", samples)
+    tests = [{"__key__": "t0000", "png": image_bytes(), "json": json.dumps({
+        "conversations": conversation(("Is there a circle?", "no"), ("is there a square?", "yes"),
+                                      ("what color is the shape?", "red")),
+        "family": ["yes/no", "yes/no", "colour"]}).encode()}]
+    write_shards(tmp_path / "test", tests)
+    train = qa_turns(shard_files(DataConfig(root=str(tmp_path / "train")), "qa-*.tar"))
+    test = list(qa_turns(shard_files(DataConfig(root=str(tmp_path / "test")), "qa-*.tar")))
+    assert [q for q, _, _ in test] == ["Is there a circle?", "is there a square?", "what color is the shape?"]
+    # circle? -> yes (wrong); square? unseen -> the yes/no family's most common answer, yes (4 of 6; right); red
+    report = question_prior_baseline(train, test)
+    assert report["num_questions"] == 3 and report["accuracy"] == pytest.approx(2 / 3)
+    assert report["breakdown"]["family/yes/no"] == {"accuracy": 0.5, "count": 2}
+    assert [e["prediction"] for e in report["examples"]] == ["yes", "yes", "red"]
+    train = qa_turns(shard_files(DataConfig(root=str(tmp_path / "train")), "qa-*.tar"))
+    assert question_prior_baseline(train, test, max_questions=1)["num_questions"] == 1

@@ -163,3 +163,37 @@ def test_upcycling_is_reproducible_from_its_generator(variant):
         models.append(model.state_dict())
     assert models[0].keys() == models[1].keys()
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_grounding_probe_equals_the_attention_transformers_returns():
+    """The probe's per-layer image attention mass, against the attention probabilities transformers' own Llama returns
+    (``output_attentions``) on the same embeddings, positions and padding; sdpa models are probed in eager mode and
+    left as they were."""
+    from asymoe_train.data.conversation import IGNORE
+    from asymoe_train.data.pipeline import Batch
+    from asymoe_train.evaluation.probe import grounding_probe
+
+    cfg = tiny(MOIIE)
+    cfg.lm.attn_implementation = "sdpa"
+    model = build_model(cfg, VOCAB, 0, seed=0).eval()
+    ids, mod, pixels, index = batch()
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 10:12], labels[1, 7:9], labels[2, 6] = ids[0, 10:12], ids[1, 7:9], ids[2, 6]  # answers at the ends
+    data = Batch(ids, labels, mod, pixels, index, mod != PAD, num_samples=3)
+    before = model(**data.model_inputs()).logits_BTV
+    probe = grounding_probe(model, [data])
+    assert model.lm.config._attn_implementation == "sdpa"
+    assert torch.equal(model(**data.model_inputs()).logits_BTV, before)
+
+    model.lm.config._attn_implementation = "eager"
+    keep = mod != PAD
+    with torch.no_grad():
+        attentions = model.lm.model(inputs_embeds=model.embed(ids, mod, pixels, index), attention_mask=keep.long(),
+                                    position_ids=(keep.long().cumsum(-1) - 1).clamp_min(0),
+                                    output_attentions=True).attentions
+    predicts = torch.zeros_like(keep)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    expected = [(a.mean(1) * (mod == IMAGE)[:, None, :]).sum(-1)[predicts].mean().item() for a in attentions]
+    assert probe["positions"] == int(predicts.sum()) == 5
+    assert probe["image_mass_per_layer"] == pytest.approx(expected, abs=1e-6)
+    assert all(0.0 < m < 1.0 for m in expected)  # the probed positions see the image and other tokens

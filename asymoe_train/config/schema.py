@@ -305,6 +305,9 @@ class EvalConfig:
     max_samples: int = 0  # questions per split; 0 = all
     batch_size: int = 256  # questions per generation batch
     max_new_tokens: int = 4
+    # grounding probe after each evaluation: per LM layer, the attention mass that answer-predicting positions put on
+    # image tokens, over the first N labelled sequences of the first eval split (eval/<stage>.json "grounding"); 0 = off
+    grounding_sequences: int = 0
 
 
 @dataclass(kw_only=True)

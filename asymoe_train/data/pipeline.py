@@ -27,7 +27,7 @@ import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
@@ -331,6 +331,20 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
     )
 
 
+def qa_turns(urls: Iterable[str]) -> Iterator[tuple[str, str, dict]]:
+    """(question, answer, per-turn metadata) of every turn of every shard in ``urls``, in shard and turn order (the
+    order evaluation reads them in); only the json members are read, no image is decoded."""
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                record = json.load(tar.extractfile(member))
+                pairs = turns(record.get("conversations", []))
+                for meta, (question, answer) in zip(_turn_meta(record, len(pairs)), pairs, strict=True):
+                    yield question.replace(IMAGE_PLACEHOLDER, "").strip(), answer, meta
+
+
 def answer_balance_weights(data: DataConfig, source: str | Mapping) -> dict[tuple[str, str], float]:
     """Loss weights that give every answer of a question group the same total weight in a training source:
     ``n_g / (K_g * n_ga)`` for answer a of group g (the value of turn metadata ``data.answer_balance``, e.g. qtype),
@@ -340,16 +354,9 @@ def answer_balance_weights(data: DataConfig, source: str | Mapping) -> dict[tupl
     (images are not decoded): cheap for the demo, a full pass over the metadata for large sources. Empty when no
     turn carries the field (e.g. a caption stage)."""
     counts: Counter[tuple[str, str]] = Counter()
-    for url in stream_spec(data, source, 0).urls:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if not member.name.endswith(".json"):
-                    continue
-                record = json.load(tar.extractfile(member))
-                pairs = turns(record.get("conversations", []))
-                for meta, (_, answer) in zip(_turn_meta(record, len(pairs)), pairs, strict=True):
-                    if data.answer_balance in meta:
-                        counts[str(meta[data.answer_balance]), answer.strip()] += 1
+    for _, answer, meta in qa_turns(stream_spec(data, source, 0).urls):
+        if data.answer_balance in meta:
+            counts[str(meta[data.answer_balance]), answer.strip()] += 1
     groups: Counter[str] = Counter()
     answers: Counter[str] = Counter()
     for group, _ in counts:
@@ -514,11 +521,13 @@ def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder
 
 
 def eval_batches(data: DataConfig, pattern: str, decoder: SampleDecoder, questions_per_batch: int,
-                 max_questions: int = 0) -> Iterator[Batch]:
-    """Ordered generation prompts over all shards (first ``max_questions`` questions when set)."""
+                 max_questions: int = 0, prompt_only: bool = True) -> Iterator[Batch]:
+    """Ordered generation prompts over all shards (first ``max_questions`` questions when set); with
+    ``prompt_only=False`` the same questions as labelled sequences, answers included (for teacher-forced probes)."""
     decoder.use_data_config(data)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shard_files(data, pattern)),
         wds.tarfile_to_samples(handler=decoder.on_read_error),
     )
-    return decoder.batches(iter(pipeline), 0, questions_per_batch, prompt_only=True, max_sequences=max_questions)
+    return decoder.batches(iter(pipeline), 0, questions_per_batch, prompt_only=prompt_only,
+                           max_sequences=max_questions)

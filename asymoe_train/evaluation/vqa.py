@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -43,25 +43,60 @@ def normalise(answer: str) -> str:
     return answer.strip().lower().rstrip(".")
 
 
+class Tally:
+    """Exact-match hits overall and per ``family`` (from the shards' per-turn metadata), and a few examples."""
+
+    def __init__(self):
+        self.correct: dict[str, int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+        self.examples: list[dict] = []
+
+    def add(self, prediction: str, answer: str, meta: dict) -> None:
+        hit = normalise(prediction) == normalise(answer)
+        for key in ("all", f"family/{meta.get('family', 'unknown')}"):
+            self.correct[key] += hit
+            self.total[key] += 1
+        if len(self.examples) < 8:
+            self.examples.append({"prediction": prediction, "answer": answer, **meta})
+
+    def report(self) -> dict:
+        breakdown = {key: {"accuracy": self.correct[key] / self.total[key], "count": self.total[key]}
+                     for key in sorted(self.total)}
+        return {"accuracy": breakdown.get("all", {}).get("accuracy", 0.0), "num_questions": self.total["all"],
+                "breakdown": breakdown, "examples": self.examples}
+
+
 def evaluate(model, batches: Iterable[Batch], tokenizer: TextTokenizer, max_new_tokens: int,
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Accuracy overall and per ``family`` (from the shards' per-turn metadata), with counts and a few examples."""
     was_training = model.training
     model.eval()
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    examples = []
+    tally = Tally()
     for batch in batches:
         batch.to(device, dtype)
         predictions = greedy_generate(model, batch, tokenizer, max_new_tokens)
         for pred, answer, meta in zip(predictions, batch.answers, batch.meta):
-            hit = normalise(pred) == normalise(answer)
-            for key in ("all", f"family/{meta.get('family', 'unknown')}"):
-                correct[key] += hit
-                total[key] += 1
-            if len(examples) < 8:
-                examples.append({"prediction": pred, "answer": answer, **meta})
+            tally.add(pred, answer, meta)
     model.train(was_training)
-    report = {key: {"accuracy": correct[key] / total[key], "count": total[key]} for key in sorted(total)}
-    return {"accuracy": report.get("all", {}).get("accuracy", 0.0), "num_questions": total["all"],
-            "breakdown": report, "examples": examples}
+    return tally.report()
+
+
+def question_prior_baseline(train: Iterable[tuple[str, str, dict]], questions: Iterable[tuple[str, str, dict]],
+                            max_questions: int = 0) -> dict:
+    """The blind (question-only) baseline: every question gets the answer the training turns most often give to the
+    same question text, or, for a text never seen in training, its family's most common answer. It never sees an
+    image, so it scores what answer priors alone earn. ``train`` and ``questions`` are (question, answer, metadata)
+    turns (``asymoe_train.data.pipeline.qa_turns``); the first ``max_questions`` are scored (0 = all), in the order
+    ``evaluate`` reads them. Same report as ``evaluate``."""
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for question, answer, meta in train:
+        by_text[normalise(question)][normalise(answer)] += 1
+        by_family[meta.get("family", "unknown")][normalise(answer)] += 1
+    tally = Tally()
+    for n, (question, answer, meta) in enumerate(questions):
+        if max_questions and n >= max_questions:
+            break
+        prior = by_text.get(normalise(question)) or by_family.get(meta.get("family", "unknown")) or Counter({"": 1})
+        tally.add(prior.most_common(1)[0][0], answer, meta)
+    return tally.report()

@@ -25,6 +25,7 @@ from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.distributed.deepspeed_moe import moe_block_type
 from asymoe_train.distributed.engine import build_engine
 from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, grad_norm, init_expert_parallel
+from asymoe_train.evaluation.probe import grounding_probe
 from asymoe_train.evaluation.vqa import evaluate
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
@@ -532,12 +533,23 @@ class Trainer:
             results[split] = evaluate(model, batches, self.tokenizer, self.cfg.eval.max_new_tokens, device,
                                       self.dtype)
             results[split]["seconds"] = round(time.perf_counter() - t0, 1)
+        report = {"stage": stage, "step": self.global_step, "splits": results}
+        logged = {f"eval/{split}/{key}": value["accuracy"] for split, r in results.items()
+                  for key, value in r["breakdown"].items()}
+        if self.cfg.eval.grounding_sequences:
+            split, pattern = next(iter(self.cfg.data.eval_sources.items()))
+            batches = eval_batches(self.cfg.data, pattern, self.decoder(), 64, self.cfg.eval.grounding_sequences,
+                                   prompt_only=False)
+            report["grounding"] = {"split": split, **grounding_probe(model, batches, device, self.dtype)}
+            mass = report["grounding"]["image_mass_per_layer"]
+            logged.update({f"probe/image_attention/L{i}": m for i, m in enumerate(mass)})
+            log.info(f"grounding probe ({split}, {report['grounding']['positions']} answer positions): attention "
+                     f"mass on image tokens per layer {[round(m, 3) for m in mass]}")
         path = os.path.join(self.run_dir, "eval", f"{stage}.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"stage": stage, "step": self.global_step, "splits": results}, f, indent=2)
+            json.dump(report, f, indent=2)
         self.print_eval(stage, results)
-        self.logger.log({f"eval/{split}/{key}": value["accuracy"] for split, r in results.items()
-                         for key, value in r["breakdown"].items()}, self.global_step)
+        self.logger.log(logged, self.global_step)
         return results
 
     @staticmethod
