@@ -27,12 +27,10 @@ import importlib
 import json
 import os
 import random
-import signal
 import socket
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -321,47 +319,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank(rank: int, nproc: int, port: int, scratch: str, rank_main: Callable[..., object], args: tuple) -> None:
+    """One forked rank: torchrun's environment, ``rank_main(*args)``, its result to ``scratch/rank<r>.json``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    result = rank_main(*args)
+    with open(os.path.join(scratch, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def fork_ranks(nproc: int, rank_main: Callable[..., object], *args) -> list:
-    """torchrun --standalone without the imports: fork ``nproc`` ranks of one job from this process (which has
-    imported what they need, and must hold no process group and no threads), each with torchrun's environment; run
-    ``rank_main(*args)`` in each and return their JSON-able results, by rank. Each rank leaves with ``os._exit``
-    (after a mismatch a peer may be gone, so no teardown). When a rank fails, the others are killed at once (they
-    would wait for it in a collective) and this raises. The launcher's hard timeout covers the ranks: they stay in
-    this process's process group."""
+    """torchrun --standalone without the imports: ``torch.multiprocessing.start_processes`` forks ``nproc`` ranks of
+    one job from this process (which has imported what they need, and must hold no process group and no threads),
+    each with torchrun's environment; each runs ``rank_main(*args)``, and their JSON-able results come back by rank.
+    When a rank fails, torch terminates the others (they would wait for it in a collective) and raises. The
+    launcher's hard timeout covers the ranks: they stay in this process's process group."""
     sys.stdout.flush()  # or each rank would write the parent's buffered output again
     sys.stderr.flush()
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="ranks-") as scratch:
-        pids = {}
-        for rank in range(nproc):
-            pid = os.fork()
-            if pid == 0:  # the rank
-                code = 1
-                try:
-                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(nproc),
-                                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                    result = rank_main(*args)
-                    with open(os.path.join(scratch, f"rank{rank}.json"), "w") as f:
-                        json.dump(result, f)
-                    code = 0
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            pids[pid] = rank
-        failed = []
-        while pids:
-            pid, status = os.wait()
-            rank = pids.pop(pid, None)
-            if rank is not None and os.waitstatus_to_exitcode(status) != 0:
-                failed.append((rank, os.waitstatus_to_exitcode(status)))
-                for other in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(other, signal.SIGKILL)
-        if failed:
-            raise RuntimeError(f"rank(s) failed (rank, exit code): {failed}")
+        torch.multiprocessing.start_processes(_rank, (nproc, _free_port(), scratch, rank_main, args), nprocs=nproc,
+                                              start_method="fork")
         results = []
         for rank in range(nproc):
             with open(os.path.join(scratch, f"rank{rank}.json")) as f:
