@@ -50,7 +50,7 @@ bench: install data ## MoE block and demo training-step throughput; appends the 
 	done
 	$(PY) benchmarks/train_step.py --out docs/benchmarks.md
 
-ablation: install data ## the five variants x 3 seeds on a smaller demo budget (about an hour on 2 CPU cores), then docs/results.md
+ablation: install data ## the five variants x 3 seeds on a smaller demo budget (about 45 min on 2 CPU cores), then docs/results.md
 	$(PY) -m pip install -q -e ".[report]"
 	$(PY) benchmarks/ablation.py --seeds $(ABLATION_SEEDS) --out docs/results.md -- $(ARGS)
 
