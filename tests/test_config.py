@@ -109,4 +109,4 @@ def test_cli_prints_the_resolved_config():
     proc = subprocess.run([sys.executable, "-m", "asymoe_train.cli", "--cfg", "job", "experiment=demo"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "experiment: demo" in proc.stdout and "variant: moiie" in proc.stdout
+    assert "experiment: demo" in proc.stdout and "variant: asymoe" in proc.stdout

@@ -55,9 +55,10 @@ MISMATCH_TIMEOUT_S = 4  # expert-parallel collective timeout of the mismatch cas
 GRAD_NORM_RTOL = 1e-4  # logged gradient norm, 2 processes against 1 (counting only a rank's experts: ~2e-3 here)
 # The demo, short: 3 align steps, 20 instruct steps, no evaluation, clipping at the demo's 1.0, the demo's balance
 # loss (0.001; formed from the routing statistics of all ranks, like the LM loss from their answer tokens, so 2 ranks
-# optimise the objective of 1).
+# optimise the objective of 1). MoIIE: expert parallelism over 2 ranks needs every pool's size even (AsyMoE, the
+# demo's default, has one vision expert).
 DEMO = [
-    "experiment=demo", "curriculum.stages.align.steps=3", "curriculum.stages.align.warmup_steps=1",
+    "experiment=demo", "model/moe=moiie", "curriculum.stages.align.steps=3", "curriculum.stages.align.warmup_steps=1",
     "curriculum.stages.instruct.steps=20", "curriculum.stages.instruct.warmup_steps=2",
     "curriculum.stages.align.eval=false", "curriculum.stages.instruct.eval=false", "logger.log_every=1",
     "logger.progress=false", "data.shuffle_buffer=20", "checkpoint.every_steps=5", "checkpoint.keep_last=4",
@@ -127,8 +128,9 @@ def assert_reads_like(run_dir, reference_dir) -> None:
 
 
 def demo_model(demo_data: str, dispatcher=None):
-    """The demo's model, upcycled (random weights), with ``dispatcher`` injected."""
-    cfg = load(demo_data, "experiment=demo")
+    """The demo's model with MoIIE's pools (even, so they split over 2 ranks), upcycled (random weights), with
+    ``dispatcher`` injected."""
+    cfg = load(demo_data, "experiment=demo", "model/moe=moiie")
     tokenizer = TextTokenizer(resolve_data_path(cfg.data, cfg.data.tokenizer))
     model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.pad_id)
     model.dispatcher = dispatcher

@@ -61,6 +61,20 @@ def test_lorentz_log_exp_is_identity(c):
     assert rel_err(back, v).max() < 1e-5
 
 
+def test_norm_takes_the_rescaled_path_where_squares_overflow():
+    # Rows whose squares overflow fp32 (Lorentz coordinates reach ~1e21) next to ordinary and zero rows: the CPU fast
+    # path (the plain norm) must hand over to the rescaled norm and give the float64 values and gradients.
+    x = torch.tensor([[3e30, -4e30, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [1e-20, 0.0, 0.0]], requires_grad=True)
+    norm = H._norm(x)
+    expected = torch.linalg.vector_norm(x.detach().double(), dim=-1, keepdim=True)
+    assert torch.isfinite(norm).all()
+    assert torch.allclose(norm.double(), expected, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(norm.sum(), x)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad[:2], torch.tensor([[0.6, -0.8, 0.0], [0.6, 0.8, 0.0]]), atol=1e-6)
+    assert not grad[2].any()
+
+
 def test_lorentz_exp_saturates_past_clamp():
     c = 10.0
     v = tangent(NORMS)

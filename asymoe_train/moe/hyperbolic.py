@@ -59,7 +59,15 @@ def _fp32(fn):
 
 def _norm(x_ND: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over the last dim, keepdim, that does not overflow: |x| = m·|x/m| with m = max_i |x_i|
-    (detached; the identity has the exact gradient). Lorentz coordinates reach ~1e21, whose squares overflow fp32."""
+    (detached; the identity has the exact gradient). Lorentz coordinates reach ~1e21, whose squares overflow fp32.
+
+    On CPU the plain norm is tried first and kept when every row is finite (checking costs no device sync there): the
+    rescaled one takes four more passes over ``x`` forward and backward, most of a hyperbolic expert's element-wise
+    time at the demo's sizes. Only rows whose squares overflow differ, and those take the rescaled path."""
+    if x_ND.device.type == "cpu":
+        plain_N1 = torch.linalg.vector_norm(x_ND, dim=-1, keepdim=True)
+        if bool(plain_N1.isfinite().all()):
+            return plain_N1
     m_N1 = x_ND.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x_ND.dtype).tiny)
     return m_N1 * torch.linalg.vector_norm(x_ND / m_N1, dim=-1, keepdim=True)
 
@@ -85,20 +93,24 @@ def lorentz_project(x_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor
     return torch.cat([time_N1, x_ND], dim=-1)
 
 
-def lorentz_expmap0_parts(v_ND: torch.Tensor, c: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lorentz_expmap0`` as (time ``[..., 1]``, space ``[..., D]``), for callers that use the parts separately
-    (fp32 is the caller's business here)."""
+def lorentz_expmap0_parts(v_ND: torch.Tensor, c: float | torch.Tensor,
+                          scale: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lorentz_expmap0(scale · v)`` as (time ``[..., 1]``, space ``[..., D]``), for callers that use the parts
+    separately (fp32 is the caller's business here). ``scale`` (a scalar) joins the per-row factor, which saves the
+    pass over ``v`` that forming ``scale · v`` would take."""
     sqrt_c = c**0.5
-    theta_N1 = sqrt_c * _norm(v_ND).clamp_min(MIN_NORM)
+    theta_N1 = sqrt_c * (scale * _norm(v_ND)).clamp_min(MIN_NORM)
     clamped_N1 = theta_N1.clamp_max(MAX_LORENTZ_THETA)
     # v·sinh(θ)/θ rather than sinh(θ)·v/|v|: the same value, exact and smooth through v = 0.
-    return torch.cosh(clamped_N1) / sqrt_c, v_ND * (torch.sinh(clamped_N1) / theta_N1)
+    return torch.cosh(clamped_N1) / sqrt_c, v_ND * (scale * torch.sinh(clamped_N1) / theta_N1)
 
 
-def lorentz_logmap0_space(space_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
-    """``lorentz_logmap0`` of the point whose space part is ``space_ND`` (the time coordinate is implied by it)."""
+def lorentz_logmap0_space(space_ND: torch.Tensor, c: float | torch.Tensor,
+                          scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``lorentz_logmap0`` of the point whose space part is ``space_ND`` (the time coordinate is implied by it),
+    divided by ``scale`` (a scalar) within the per-row factor."""
     z_N1 = c**0.5 * _norm(space_ND).clamp_min(MIN_NORM)
-    return space_ND * (torch.asinh(z_N1) / z_N1)
+    return space_ND * (torch.asinh(z_N1) / (z_N1 * scale))
 
 
 @_fp32

@@ -129,27 +129,31 @@ class HyperbolicExperts(nn.Module):
         return poincare_logmap0(poincare_linear(point, weight[e], c, bias[e] * scale), c) / scale
 
     def _lorentz_expert(self, e: int, x_ND: torch.Tensor, scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The Lorentz expert of ``_expert`` in fewer passes, same maths: gate and up read the same point, so they run
-        as one matmul over the concatenated weights; and log0 reads a point's space part only, so the time
-        coordinates that ``lorentz_linear`` would recompute are never formed (``lorentz_project`` then
-        ``lorentz_logmap0`` is ``lorentz_logmap0_space`` of the space part)."""
+        """The Lorentz expert of ``_expert`` in fewer passes over the hidden activations, same maths:
+
+        * gate and up read the same point, so they run as one matmul over the concatenated weights, whose time
+          column is one more input column (the point's time coordinate) rather than a pass over the outputs;
+        * log0 reads a point's space part only, so the time coordinates that ``lorentz_linear`` would recompute are
+          never formed (``lorentz_project`` then ``lorentz_logmap0`` is ``lorentz_logmap0_space`` of the space part);
+        * the pre-scale and the unscaling join the maps' per-row factors instead of multiplying whole tensors."""
         num_hidden, dtype = self.gate_EFD.shape[1], x_ND.dtype
 
         def cat(*params: nn.Parameter) -> torch.Tensor:  # expert e's rows, gate then up, in the compute dtype
             return torch.cat([p[e] for p in params]).to(dtype)
 
-        time_N1, space_ND = lorentz_expmap0_parts(x_ND * scale, c)
-        space_NG = torch.addcmul(  # G = 2F: the gate layer's outputs, then the up layer's
-            nn.functional.linear(space_ND, cat(self.gate_EFD, self.up_EFD), cat(self.gate_bias_EF, self.up_bias_EF)
-                                 * scale),
-            time_N1, cat(self.gate_time_EF, self.up_time_EF) * scale)
+        point_NP = torch.cat(lorentz_expmap0_parts(x_ND, c, scale), dim=-1)  # time, then space
+        weight_GP = torch.cat([cat(self.gate_time_EF, self.up_time_EF).unsqueeze(-1) * scale,
+                               cat(self.gate_EFD, self.up_EFD)], dim=-1)
+        # G = 2F: the gate layer's outputs, then the up layer's
+        space_NG = nn.functional.linear(point_NP, weight_GP, cat(self.gate_bias_EF, self.up_bias_EF) * scale)
         # log0 per layer: the norms are over each layer's own F coordinates
-        tangent_N2F = lorentz_logmap0_space(space_NG.unflatten(-1, (2, num_hidden)), c) / scale
+        tangent_N2F = lorentz_logmap0_space(space_NG.unflatten(-1, (2, num_hidden)), c, scale)
         h_NF = self.act(tangent_N2F[:, 0]) * tangent_N2F[:, 1]
-        time_N1, space_NF = lorentz_expmap0_parts(h_NF * scale, c)
+        time_N1, space_NF = lorentz_expmap0_parts(h_NF, c, scale)
+        # the down layer's time column as an addcmul over its D outputs: cheaper than joining a column to its F inputs
         space_ND = torch.addcmul(nn.functional.linear(space_NF, cat(self.down_EDF), cat(self.down_bias_ED) * scale),
                                  time_N1, cat(self.down_time_ED) * scale)
-        return lorentz_logmap0_space(space_ND, c) / scale
+        return lorentz_logmap0_space(space_ND, c, scale)
 
     def _expert(self, e: int, x_ND: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_ND.dtype, torch.float32)
