@@ -288,6 +288,8 @@ class LoggerConfig:
     entity: str = ""
     log_every: int = 10  # optimizer steps between logged metrics
     progress: bool = True  # console progress bar
+    # peak TFLOP/s of one device for perf/mfu; 0 = the datasheet bf16 peak of a known GPU in bf16 runs, else no MFU
+    peak_tflops: float = 0.0
 
 
 @dataclass(kw_only=True)

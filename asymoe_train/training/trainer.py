@@ -29,6 +29,7 @@ from asymoe_train.evaluation.probe import grounding_probe
 from asymoe_train.evaluation.vqa import evaluate
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
+from asymoe_train.observability.flops import peak_tflops, train_flops_per_token
 from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.moe_metrics import ExpertLoad
 from asymoe_train.training.checkpoint import (
@@ -431,6 +432,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         every = self.cfg.checkpoint.every_steps
         trainable = [p for p in model.parameters() if p.requires_grad]
+        peak = peak_tflops(engine.device, self.cfg.engine.precision, self.cfg.logger.peak_tflops)
+        flops_per_token = 0.0  # model FLOPs of a training step per token, counted on the stage's first batch
         for step in range(first_step, stage.steps):
             log_step = (step + 1) % self.cfg.logger.log_every == 0 or step + 1 == stage.steps
             step_norm = None
@@ -442,6 +445,12 @@ class Trainer:
                 if step == first_step and self.rank == 0 and not window["sequences"]:
                     self.print_first_batch(batch, stage)
                 batch.to(engine.device, self.dtype)
+                if not flops_per_token:
+                    flops_per_token = train_flops_per_token(model, batch.model_inputs())
+                    if self.rank == 0:
+                        log.info(f"model FLOPs per training step: {flops_per_token / 1e6:.2f} MFLOP per token (counted "
+                                 "on this batch)" + (f"; MFU against {peak:g} TFLOP/s per device" if peak else
+                                                     "; no MFU: set logger.peak_tflops to the device's peak"))
                 out = engine(**batch.model_inputs())
                 loss, metrics = total_loss(out, batch.labels_BT, stage.losses, self.world_size, batch.weight_B)
                 if counterfactual_every and step % counterfactual_every == 0:
@@ -480,7 +489,11 @@ class Trainer:
                     "perf/samples_per_s": window["samples"] * self.world_size / elapsed,
                     "perf/sequences_per_s": window["sequences"] * self.world_size / elapsed,
                     "perf/data_wait_share": window["data_s"] / elapsed,
+                    # this rank's tokens: model FLOP/s and MFU per device
+                    "perf/model_tflops": flops_per_token * window["tokens"] / elapsed / 1e12,
                 }
+                if peak:
+                    speed["perf/mfu"] = speed["perf/model_tflops"] / peak
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{speed['perf/tokens_per_s']:.0f}")
                 if step_norm is None:
                     step_norm = engine.get_global_grad_norm()
