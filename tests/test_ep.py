@@ -292,12 +292,12 @@ def test_consolidated_weights_load_on_any_expert_parallel_rank(tmp_path, demo_da
 
 
 @pytest.mark.parametrize("overrides,world_size,key", [
-    (["model.moe.backend=deepspeed"], 1, "model.moe.backend"),  # the demo's moiie is not vanilla
+    (["model/moe=moiie", "model.moe.backend=deepspeed"], 1, "model.moe.backend"),  # moiie is not vanilla
     (["model/moe=vanilla", "model.moe.backend=deepspeed", "model.moe.top_k=1"], 1, "model.moe.top_k"),
     (["model.moe.backend=megablocks"], 1, "model.moe.backend"),
-    (["engine.ep_size=2", "engine.zero_stage=3"], 2, "engine.ep_size=2 with engine.zero_stage=3"),
+    (["model/moe=moiie", "engine.ep_size=2", "engine.zero_stage=3"], 2, "engine.ep_size=2 with engine.zero_stage=3"),
     (["model/moe=asymoe", "engine.ep_size=2"], 2, "model.moe.pools.0.num_experts"),  # 1 vision expert
-    (["engine.ep_size=2"], 3, "engine.ep_size"),
+    (["model/moe=moiie", "engine.ep_size=2"], 3, "engine.ep_size"),
 ])
 def test_validation_rejects_impossible_expert_parallel_configs(overrides, world_size, key, demo_data):
     cfg = load(demo_data, "experiment=demo", *overrides)
@@ -305,7 +305,7 @@ def test_validation_rejects_impossible_expert_parallel_configs(overrides, world_
         validate(cfg, world_size=world_size)
 
 
-@pytest.mark.parametrize("overrides", [["engine.ep_size=2", "engine.zero_stage=2"],
+@pytest.mark.parametrize("overrides", [["model/moe=moiie", "engine.ep_size=2", "engine.zero_stage=2"],
                                        ["model/moe=vanilla", "model.moe.backend=deepspeed", "engine.ep_size=2"]])
 def test_validation_accepts_expert_parallel_configs(overrides, demo_data):
     validate(load(demo_data, "experiment=demo", *overrides), world_size=2)
