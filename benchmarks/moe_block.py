@@ -10,9 +10,16 @@ the median over repeats. The loss is sum(output^2) plus the block's auxiliary lo
 router weights at each capacity factor (``deepspeed_baseline.py``), and the table gives every row's dropped share.
 ``--router-skew s`` makes the vanilla router unbalanced (see ``skew_routing``).
 
+``--device cuda --dtype bf16`` runs the blocks on a GPU with bf16 weights and activations (the hyperbolic maths
+upcasts to fp32 inside, as in training). Every row also reports its model FLOP/s: three times the forward FLOPs that
+``torch.utils.flop_counter`` counts for that row's maths (every expert on the tokens routed to it, the evidence
+attention; DeepSpeed's rows and the naive loop do the vanilla block's), over its time; and the MFU against
+``--peak-tflops`` or a known GPU's datasheet bf16 peak. DeepSpeed's rows run on CPU only.
+
     python benchmarks/moe_block.py --tokens 4096 --hidden 256 --variants vanilla,asymoe --out docs/benchmarks.md
     python benchmarks/moe_block.py --tokens 4096 --hidden 512 --experts 4 --variants vanilla \
         --deepspeed-capacity 1.0,1.5 --router-skew 0.33
+    python benchmarks/moe_block.py --tokens 16384 --hidden 2048 --device cuda --dtype bf16
 
 # T tokens, D model dim, R experts of the vanilla router, B sequences, L positions
 """
@@ -44,8 +51,10 @@ from asymoe_train.modality import IMAGE, TEXT  # noqa: E402
 from asymoe_train.moe.block import MoEBlock  # noqa: E402
 from asymoe_train.moe.evidence import TokenContext  # noqa: E402
 from asymoe_train.moe.router import TopKRouter  # noqa: E402
+from asymoe_train.observability.flops import TRAIN_FACTOR, count_flops, peak_tflops  # noqa: E402
 
 VANILLA, NAIVE, DENSE = "vanilla", "naive masked loop (vanilla)", "dense (same activated FFN)"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def variant_config(name: str, num_experts: int | None = None) -> MoEConfig:
@@ -128,10 +137,10 @@ def skew_routing(x_TD: torch.Tensor, router: TopKRouter, skew: float) -> torch.T
     num_experts, hidden = router.weight_RD.shape
     if num_experts < 2:
         raise ValueError("--router-skew needs a router over at least 2 experts")
-    u_D = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+    u_D = torch.nn.functional.normalize(torch.randn(hidden, device=x_TD.device, dtype=x_TD.dtype), dim=0)
     x_TD = x_TD + math.sqrt(hidden) * u_D
     x_TD = x_TD / x_TD.square().mean(-1, keepdim=True).sqrt()
-    offset_R = skew * (torch.arange(num_experts) / (num_experts - 1) - 0.5)
+    offset_R = skew * (torch.arange(num_experts, device=x_TD.device) / (num_experts - 1) - 0.5).to(x_TD.dtype)
     with torch.no_grad():
         weight_RD = router.weight_RD
         weight_RD -= (weight_RD @ u_D)[:, None] * u_D
@@ -141,8 +150,13 @@ def skew_routing(x_TD: torch.Tensor, router: TopKRouter, skew: float) -> torch.T
 
 def step(module, x, modality, ctx) -> None:
     y, losses = module(x, modality, ctx)
-    loss = y.square().sum() + sum(losses.values(), torch.zeros(()))
+    loss = y.float().square().sum() + sum(losses.values(), torch.zeros((), device=y.device))
     loss.backward()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_variants(modules: dict, x, modality, ctx, repeats: int, warmup: int) -> dict[str, float]:
@@ -156,20 +170,26 @@ def time_variants(modules: dict, x, modality, ctx, repeats: int, warmup: int) ->
             module = modules[name]
             module.zero_grad(set_to_none=True)
             x.grad = None
+            sync(x.device)
             start = time.perf_counter()
             step(module, x, modality, ctx)
+            sync(x.device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    """The CPU, its cores and torch's threads; and the GPU when ``device`` is one."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+    host = f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {host}"
+    return host
 
 
 def commit() -> str:
@@ -192,6 +212,10 @@ def main() -> None:
                         "DeepSpeed's MoE layer (vanilla's weights and routing, dropping tokens) for each")
     parser.add_argument("--router-skew", type=float, default=0.0, help="unbalance the vanilla router by this many "
                         "nats between its first and last expert (0: the balanced random router)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="one device's peak TFLOP/s for the MFU column "
+                        "(default: a known GPU's datasheet bf16 peak in bf16 runs, else no MFU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -201,6 +225,11 @@ def main() -> None:
     capacities = [float(c) for c in args.deepspeed_capacity.split(",") if c]
     if (capacities or args.router_skew) and VANILLA not in variants:
         raise ValueError("--deepspeed-capacity and --router-skew work on the vanilla block: add vanilla to --variants")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
+    if capacities and device.type != "cpu":
+        raise ValueError("--deepspeed-capacity runs on CPU only (its process group is gloo): drop it, or --device cpu")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -209,13 +238,13 @@ def main() -> None:
     modules, activated, capacity = {}, {}, {}
     for name in variants:
         cfg = variant_config(name, args.experts)
-        modules[name] = Block(MoEBlock.upcycle(mlp, cfg, hidden, intermediate, "silu"))
+        modules[name] = Block(MoEBlock.upcycle(mlp, cfg, hidden, intermediate, "silu")).to(device, dtype)
         activated[name] = activated_ffn_params(cfg, hidden, intermediate)
         capacity[name] = "dropless"
 
-    modality_BL, context_BL = token_layout(args.tokens, args.seq_len)
+    modality_BL, context_BL = (t.to(device) for t in token_layout(args.tokens, args.seq_len))
     modality_T = modality_BL.reshape(-1)
-    x = torch.randn(modality_BL.numel(), hidden)
+    x = torch.randn(modality_BL.numel(), hidden, device=device, dtype=dtype)
     x = x / x.square().mean(-1, keepdim=True).sqrt()  # unit RMS, as after the decoder's norm
     if args.router_skew:
         x = skew_routing(x, modules[VANILLA].block.routers["all"], args.router_skew)
@@ -237,8 +266,13 @@ def main() -> None:
         modules[NAIVE] = NaiveLoop(modules[VANILLA])
         activated[NAIVE], capacity[NAIVE] = activated[VANILLA], "dropless"
     top_k = max(variant_config(n).top_k for n in variants)
-    modules[DENSE] = Dense(hidden, intermediate * top_k)
+    modules[DENSE] = Dense(hidden, intermediate * top_k).to(device, dtype)
     activated[DENSE], capacity[DENSE] = 3 * hidden * intermediate * top_k, "-"
+    # Model FLOPs count the maths a row does: DeepSpeed's rows and the naive loop do the vanilla block's (DeepSpeed's
+    # padded capacity slots and one-hot dispatch matmuls are its implementation's cost, not the model's).
+    flops = {name: TRAIN_FACTOR * count_flops(modules[name], x, modality_T, ctx) for name in [*variants, DENSE]}
+    flops.update({name: flops[VANILLA] for name in [*ds_rows, NAIVE] if name in modules})
+    peak = peak_tflops(device, args.dtype, args.peak_tflops)
 
     seconds = time_variants(modules, x, modality_T, ctx, args.repeats, args.warmup)
 
@@ -246,22 +280,24 @@ def main() -> None:
     routing = f"router skewed by {args.router_skew:g} nats" if args.router_skew else "balanced random router"
     experts = f", E={modules[VANILLA].block.num_experts}" if VANILLA in modules else ""
     lines = [
-        f"### MoE block forward+backward, T={args.tokens}, D={hidden}, F={intermediate}{experts}, top-{top_k}, fp32, "
-        f"CPU, {routing}",
+        f"### MoE block forward+backward, T={args.tokens}, D={hidden}, F={intermediate}{experts}, top-{top_k}, "
+        f"{args.dtype}, {'CPU' if device.type == 'cpu' else 'GPU'}, {routing}",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, torch {torch.__version__}"
-        f"{f', deepspeed {ds_version}' if ds_version else ''}; {machine()}. Tokens: sequences of {args.seq_len} "
+        f"{f', deepspeed {ds_version}' if ds_version else ''}; {machine(device)}. Tokens: sequences of {args.seq_len} "
         f"(1/4 image, 1/8 answer); median of {args.repeats} interleaved repeats after {args.warmup} warm-up rounds.",
         f"Command: `python benchmarks/moe_block.py {' '.join(sys.argv[1:])}`",
         "",
         "| block | activated FFN params / token | capacity factor | dropped assignments (tokens losing all k) "
-        "| fwd+bwd ms | tokens/s | time vs vanilla |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| fwd+bwd ms | tokens/s | time vs vanilla | model TFLOP/s (MFU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in seconds.items():
         ratio = f"{s / reference:.2f}x" if reference else "-"
+        tflops = flops[name] / s / 1e12
         lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {capacity[name]} | {drops.get(name, '-')} | "
-                     f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} |")
+                     f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} | {tflops:.3f}"
+                     f"{f' ({100 * tflops / peak:.1f} %)' if peak else ''} |")
     if reference:
         summary = [f"{reference / seconds[DENSE]:.2f}x the dense FFN's time"]
         summary += [f"{seconds[n] / reference:.2f}x the tokens/s of {n} (dropping {100 * drops[n].assignments:.2f} %)"

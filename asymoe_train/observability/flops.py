@@ -44,15 +44,21 @@ def peak_tflops(device: torch.device, precision: str, configured: float = 0.0) -
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
-def forward_flops(model: torch.nn.Module, inputs: dict) -> int:
-    """FLOPs of one forward pass of ``model`` on ``inputs``, counted without gradients and without touching any RNG
-    state (a run that counts repeats one that does not, bit for bit); compiled modules run eagerly while counting, so
-    the counter sees their operations."""
-    devices = [inputs["input_ids_BT"].device] if inputs["input_ids_BT"].is_cuda else []
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)``, counted without gradients and without touching any RNG state (a run that
+    counts repeats one that does not, bit for bit); compiled modules run eagerly while counting, so the counter sees
+    their operations."""
+    tensors = [*args, *kwargs.values()]
+    devices = sorted({t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}, key=str)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
         with FlopCounterMode(display=False) as counter:
-            model(**inputs)
+            fn(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def forward_flops(model: torch.nn.Module, inputs: dict) -> int:
+    """FLOPs of one forward pass of ``model`` on ``inputs`` (``count_flops``)."""
+    return count_flops(model, **inputs)
 
 
 def train_flops_per_token(model: torch.nn.Module, inputs: dict) -> float:
