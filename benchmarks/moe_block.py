@@ -289,15 +289,15 @@ def main() -> None:
         f"Command: `python benchmarks/moe_block.py {' '.join(sys.argv[1:])}`",
         "",
         "| block | activated FFN params / token | capacity factor | dropped assignments (tokens losing all k) "
-        "| fwd+bwd ms | tokens/s | time vs vanilla | model TFLOP/s (MFU) |",
+        "| fwd+bwd ms | tokens/s | time vs vanilla | model GFLOP/s (MFU) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in seconds.items():
         ratio = f"{s / reference:.2f}x" if reference else "-"
-        tflops = flops[name] / s / 1e12
+        gflops = flops[name] / s / 1e9
         lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {capacity[name]} | {drops.get(name, '-')} | "
-                     f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} | {tflops:.3f}"
-                     f"{f' ({100 * tflops / peak:.1f} %)' if peak else ''} |")
+                     f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} | {gflops:,.1f}"
+                     f"{f' ({gflops / peak / 10:.1f} %)' if peak else ''} |")
     if reference:
         summary = [f"{reference / seconds[DENSE]:.2f}x the dense FFN's time"]
         summary += [f"{seconds[n] / reference:.2f}x the tokens/s of {n} (dropping {100 * drops[n].assignments:.2f} %)"
