@@ -59,7 +59,7 @@ bench: install data ## MoE block and demo training-step throughput (plus bf16 an
 		$(PY) benchmarks/train_step.py --device cuda --out docs/benchmarks.md || exit 1; \
 	else echo "make bench: no CUDA GPU here, so no bf16 GPU tables"; fi
 
-ablation: install data ## the five variants x 3 seeds on a smaller demo budget (about 45 min on 2 CPU cores), then docs/results.md
+ablation: install data ## the five variants x 3 seeds on a smaller demo budget (35-45 min on 2 CPU cores), then docs/results.md
 	$(PY) -m pip install -q -e ".[report]"
 	$(PY) benchmarks/ablation.py --seeds $(ABLATION_SEEDS) --out docs/results.md -- $(ARGS)
 
