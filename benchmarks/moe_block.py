@@ -192,6 +192,11 @@ def machine(device: torch.device | None = None) -> str:
     return host
 
 
+def mfu(tflops: float, peak: float | None) -> str:
+    """`` (x %)``: ``tflops`` as a share of the device's ``peak`` TFLOP/s; empty without a peak."""
+    return f" ({100 * tflops / peak:.1f} %)" if peak else ""
+
+
 def commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
@@ -297,7 +302,7 @@ def main() -> None:
         gflops = flops[name] / s / 1e9
         lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {capacity[name]} | {drops.get(name, '-')} | "
                      f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} | {gflops:,.1f}"
-                     f"{f' ({gflops / peak / 10:.1f} %)' if peak else ''} |")
+                     f"{mfu(gflops / 1e3, peak)} |")
     if reference:
         summary = [f"{reference / seconds[DENSE]:.2f}x the dense FFN's time"]
         summary += [f"{seconds[n] / reference:.2f}x the tokens/s of {n} (dropping {100 * drops[n].assignments:.2f} %)"

@@ -26,18 +26,22 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from moe_block import ROOT, commit, machine  # noqa: E402
+from moe_block import ROOT, commit, machine, mfu  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from asymoe_train.observability.flops import peak_tflops  # noqa: E402
 
 STAGES = ("align", "instruct")
+# Samples per step and stage: the demo's on CPU, larger on a GPU.
+_DEMO = OmegaConf.load(os.path.join(ROOT, "conf", "experiment", "demo.yaml")).curriculum.stages
+BATCH = {"cpu": {s: _DEMO[s].batch_size for s in STAGES}, "cuda": {"align": 64, "instruct": 32}}
 # The ~0.5B-activated configuration of ``--device cuda`` (module doc).
 GPU_MODEL = (
     "engine=gpu", "model.lm.hidden_size=1536", "model.lm.num_layers=12", "model.lm.num_heads=12",
     "model.lm.num_kv_heads=12", "model.lm.intermediate_size=3072", "model.vision.image_size=224",
     "model.vision.patch_size=14", "model.vision.hidden_size=768", "model.vision.num_layers=6",
     "model.vision.num_heads=12", "model.vision.intermediate_size=3072", "model.vision.merge=2",
-    "curriculum.stages.align.batch_size=64", "curriculum.stages.instruct.batch_size=32",
+    *(f"curriculum.stages.{s}.batch_size={n}" for s, n in BATCH["cuda"].items()),
 )
 KEYS = ("perf/sequences_per_s", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_share", "perf/model_tflops")
 
@@ -64,10 +68,6 @@ def run(variant: str, steps: int, log_every: int, threads: int, run_dir: str, pe
     return result
 
 
-def mfu(tflops: float, peak: float) -> str:
-    return f" ({100 * tflops / peak:.1f} %)" if peak else ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="dense,vanilla,moiie,asymoe")
@@ -80,10 +80,10 @@ def main() -> None:
                         "(on a GPU, default: its datasheet bf16 peak where known)")
     parser.add_argument("--out", help="append the result table to this markdown file")
     args = parser.parse_args()
-    gpu = args.device == "cuda"
+    device, gpu, batch = torch.device(args.device), args.device == "cuda", BATCH[args.device]
     if gpu and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA GPU")
-    peak = peak_tflops(torch.device("cuda" if gpu else "cpu"), "bf16" if gpu else "fp32", args.peak_tflops) or 0.0
+    peak = peak_tflops(device, "bf16" if gpu else "fp32", args.peak_tflops) or 0.0
     rows = []
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -97,9 +97,9 @@ def main() -> None:
         f"### Demo training step (real trainer, experiment=demo), {'bf16, GPU, ~0.5B activated' if gpu else 'fp32, CPU'}",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, torch {torch.__version__}; "
-        f"{machine(torch.device(args.device))} (engine.threads={args.threads}). {args.steps} steps per stage, means "
-        f"over logging windows of {args.log_every} steps after the first. align: {64 if gpu else 32} caption images "
-        f"per step; instruct: {32 if gpu else 12} images (about 5 questions each) per step"
+        f"{machine(device)} (engine.threads={args.threads}). {args.steps} steps per stage, means "
+        f"over logging windows of {args.log_every} steps after the first. align: {batch['align']} caption images "
+        f"per step; instruct: {batch['instruct']} images (about 5 questions each) per step"
         f"{'; the GPU_MODEL overrides of benchmarks/train_step.py' if gpu else ''}.",
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`",
         "",

@@ -47,8 +47,8 @@ def test_bf16_block_benchmark_writes_every_row_with_its_mfu(tmp_path):
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"vanilla", "asymoe", moe_block.NAIVE, moe_block.DENSE}
     for name in ("vanilla", "asymoe", moe_block.NAIVE, moe_block.DENSE):
-        ms, tflops_mfu = float(rows[name][4]), rows[name][7]
-        gflops, mfu = re.fullmatch(r"([\d.,]+) \(([\d.,]+) %\) \|", tflops_mfu).groups()
+        ms, gflops_mfu = float(rows[name][4]), rows[name][7]
+        gflops, mfu = re.fullmatch(r"([\d.,]+) \(([\d.,]+) %\) \|", gflops_mfu).groups()
         gflops, mfu = float(gflops.replace(",", "")), float(mfu.replace(",", ""))
         assert ms > 0 and gflops > 0
         # MFU is the model FLOP/s over --peak-tflops (1 GFLOP/s here), each rounded to 0.1 in the table
