@@ -11,7 +11,8 @@ router weights at each capacity factor (``deepspeed_baseline.py``), and the tabl
 ``--router-skew s`` makes the vanilla router unbalanced (see ``skew_routing``).
 
 ``--device cuda --dtype bf16`` runs the blocks on a GPU with bf16 weights and activations (the hyperbolic maths
-upcasts to fp32 inside, as in training). Every row also reports its model FLOP/s: three times the forward FLOPs that
+upcasts to fp32 inside, as in training), adds a plain ``torch._grouped_mm`` vanilla layer as a reference row, and
+reports each row's peak GPU memory over one forward+backward. Every row also reports its model FLOP/s: three times the forward FLOPs that
 ``torch.utils.flop_counter`` counts for that row's maths (every expert on the tokens routed to it, the evidence
 attention; DeepSpeed's rows and the naive loop do the vanilla block's), over its time; and the MFU against
 ``--peak-tflops`` or a known GPU's datasheet bf16 peak. DeepSpeed's rows run on CPU only.
@@ -50,10 +51,12 @@ from asymoe_train.config.schema import MoEConfig  # noqa: E402
 from asymoe_train.modality import IMAGE, TEXT  # noqa: E402
 from asymoe_train.moe.block import MoEBlock  # noqa: E402
 from asymoe_train.moe.evidence import TokenContext  # noqa: E402
+from asymoe_train.moe.grouped import grouped_linear  # noqa: E402
 from asymoe_train.moe.router import TopKRouter  # noqa: E402
 from asymoe_train.observability.flops import TRAIN_FACTOR, count_flops, peak_tflops  # noqa: E402
 
 VANILLA, NAIVE, DENSE = "vanilla", "naive masked loop (vanilla)", "dense (same activated FFN)"
+GROUPED_REF = "plain torch._grouped_mm layer (vanilla)"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -126,6 +129,33 @@ class NaiveLoop(torch.nn.Module):
         return y, {}
 
 
+class GroupedReference(torch.nn.Module):
+    """A plain vanilla MoE layer on ``torch._grouped_mm`` with the vanilla block's router and experts: router GEMM,
+    softmax top-k, argsort, gather, three grouped GEMMs, weighted index_add (no modality routing, padding or losses):
+    what the grouped kernels give without the block's bookkeeping. CUDA rows only."""
+
+    def __init__(self, vanilla: Block):
+        super().__init__()
+        self.router = vanilla.block.routers["all"]
+        self.experts = vanilla.block.pools["experts"]
+
+    def forward(self, x, modality, ctx):
+        routing = self.router(x)
+        k, e = routing.experts_NK.shape[-1], self.experts.num_experts
+        expert_A = routing.experts_NK.reshape(-1)
+        order_A = torch.argsort(expert_A, stable=True)
+        token_A = order_A // k
+        counts_E = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(0, expert_A,
+                                                                                  torch.ones_like(expert_A))
+        rows = x[token_A]
+        pool = self.experts
+        h = pool.act(grouped_linear(rows, pool.gate_EFD, counts_E, "grouped")) * grouped_linear(
+            rows, pool.up_EFD, counts_E, "grouped")
+        y = grouped_linear(h, pool.down_EDF, counts_E, "grouped") * routing.weights_NK.reshape(-1)[order_A, None].to(
+            x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_A, y), {}
+
+
 def skew_routing(x_TD: torch.Tensor, router: TopKRouter, skew: float) -> torch.Tensor:
     """Unbalance ``router`` (in place) by ``skew`` nats: router e's logits rise by ``skew * (e / (R - 1) - 1/2)`` on
     average, so the last experts get more tokens than the first; returns the tokens to use.
@@ -176,6 +206,23 @@ def time_variants(modules: dict, x, modality, ctx, repeats: int, warmup: int) ->
             sync(x.device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(modules: dict, x, modality, ctx) -> dict[str, str]:
+    """Peak GPU memory of one forward+backward per row (GiB, over what was allocated before it); "-" on CPU."""
+    if x.device.type != "cuda":
+        return {name: "-" for name in modules}
+    peaks = {}
+    for name, module in modules.items():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        sync(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        step(module, x, modality, ctx)
+        sync(x.device)
+        peaks[name] = f"{(torch.cuda.max_memory_allocated(x.device) - base) / 2**30:.2f}"
+    return peaks
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -270,16 +317,20 @@ def main() -> None:
             ds_rows.append(name)
         modules[NAIVE] = NaiveLoop(modules[VANILLA])
         activated[NAIVE], capacity[NAIVE] = activated[VANILLA], "dropless"
+        if device.type == "cuda":
+            modules[GROUPED_REF] = GroupedReference(modules[VANILLA])
+            activated[GROUPED_REF], capacity[GROUPED_REF] = activated[VANILLA], "dropless"
     top_k = max(variant_config(n).top_k for n in variants)
     modules[DENSE] = Dense(hidden, intermediate * top_k).to(device, dtype)
     activated[DENSE], capacity[DENSE] = 3 * hidden * intermediate * top_k, "-"
     # Model FLOPs count the maths a row does: DeepSpeed's rows and the naive loop do the vanilla block's (DeepSpeed's
     # padded capacity slots and one-hot dispatch matmuls are its implementation's cost, not the model's).
     flops = {name: TRAIN_FACTOR * count_flops(modules[name], x, modality_T, ctx) for name in [*variants, DENSE]}
-    flops.update({name: flops[VANILLA] for name in [*ds_rows, NAIVE] if name in modules})
+    flops.update({name: flops[VANILLA] for name in [*ds_rows, NAIVE, GROUPED_REF] if name in modules})
     peak = peak_tflops(device, args.dtype, args.peak_tflops)
 
     seconds = time_variants(modules, x, modality_T, ctx, args.repeats, args.warmup)
+    memory = peak_memory(modules, x, modality_T, ctx)
 
     reference = seconds.get(VANILLA)
     routing = f"router skewed by {args.router_skew:g} nats" if args.router_skew else "balanced random router"
@@ -294,15 +345,15 @@ def main() -> None:
         f"Command: `python benchmarks/moe_block.py {' '.join(sys.argv[1:])}`",
         "",
         "| block | activated FFN params / token | capacity factor | dropped assignments (tokens losing all k) "
-        "| fwd+bwd ms | tokens/s | time vs vanilla | model GFLOP/s (MFU) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fwd+bwd ms | tokens/s | time vs vanilla | model GFLOP/s (MFU) | peak GPU memory GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in seconds.items():
         ratio = f"{s / reference:.2f}x" if reference else "-"
         gflops = flops[name] / s / 1e9
         lines.append(f"| {name} | {activated[name] / 1e3:.0f}k | {capacity[name]} | {drops.get(name, '-')} | "
                      f"{s * 1e3:.1f} | {args.tokens / s:,.0f} | {ratio} | {gflops:,.1f}"
-                     f"{mfu(gflops / 1e3, peak)} |")
+                     f"{mfu(gflops / 1e3, peak)} | {memory[name]} |")
     if reference:
         summary = [f"{reference / seconds[DENSE]:.2f}x the dense FFN's time"]
         summary += [f"{seconds[n] / reference:.2f}x the tokens/s of {n} (dropping {100 * drops[n].assignments:.2f} %)"

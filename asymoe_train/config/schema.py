@@ -69,7 +69,7 @@ class PoolConfig:
     """A pool of experts of one type inside every MoE slot."""
 
     name: str = MISSING
-    expert: str = "ffn"  # expert type; see asymoe_train.moe.experts.EXPERT_TYPES
+    expert: str = "ffn"  # expert type; see asymoe_train.moe.pools.EXPERT_TYPES
     num_experts: int = MISSING
     width: int = 1  # hidden width of each expert in multiples of the dense FFN's (ffn experts only); upcycling a
     # wider expert duplicates the FFN's hidden units and halves their output weights, so it still equals the FFN
@@ -126,6 +126,10 @@ class MoEConfig:
     # native: this block with dropless dispatch (local, or all-to-all under expert parallelism) | deepspeed:
     # DeepSpeed's deepspeed.moe.layer.MoE (vanilla variant only, top_k >= 2, drop_tokens=False), for comparison
     backend: str = "native"
+    # How expert pools run their per-expert matmuls: auto (one torch._grouped_mm per matmul on CUDA, with the token
+    # counts kept on the device; the per-expert loop on CPU) | grouped (the grouped kernel wherever its operands
+    # allow it) | loop (one matmul per expert, the reference). Same numbers either way, to fp32 rounding.
+    expert_compute: str = "auto"
 
 
 @dataclass(kw_only=True)

@@ -104,6 +104,7 @@ def _validate_model(cfg: TrainConfig) -> None:
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
     _choice("model.moe.backend", moe.backend, ("native", "deepspeed"))
+    _choice("model.moe.expert_compute", moe.expert_compute, ("auto", "grouped", "loop"))
     if not moe.pools:
         if moe.routers:
             raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
@@ -112,7 +113,7 @@ def _validate_model(cfg: TrainConfig) -> None:
     pool_names = [p.name for p in moe.pools]
     if len(set(pool_names)) != len(pool_names):
         raise ConfigError(f"model.moe.pools has duplicate names {pool_names}")
-    from asymoe_train.moe.experts import EXPERT_TYPES  # torch-free registry keys
+    from asymoe_train.moe.pools import EXPERT_TYPES
 
     for i, pool in enumerate(moe.pools):
         _choice(f"model.moe.pools.{i}.expert", pool.expert, sorted(EXPERT_TYPES))

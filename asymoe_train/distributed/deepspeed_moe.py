@@ -66,7 +66,7 @@ class DeepSpeedMoEBlock(MoEBlock):
         if "balance" in self.active_losses:
             out.losses["balance"] = balance
         out.expert_counts[name] = counts_E.detach().long()
-        out.router_tokens[name] = int(keep_T.sum())
+        out.router_tokens[name] = keep_T.sum()
         return out
 
 

@@ -172,16 +172,17 @@ class AllToAllDispatcher:
     ) -> torch.Tensor:
         size, held = self.ep_size, num_experts // self.ep_size
         where = where or "an MoE layer"
-        slots = SlotOrder.sort(token_A, expert_A, num_experts)
+        slots = SlotOrder.sort(token_A, expert_A, num_experts, x_TD.shape[0])
         # 1. rows per slot: send_SL[s, e] rows go to rank s's expert e; recv_SL[s, e] rows come from rank s
         recv_SL = _all_to_all(slots.counts_E, [held] * size, [held] * size, self.ep, f"token counts in {where}")
         recv_SL = recv_SL.reshape(size, held)
         send_splits = slots.counts_E.reshape(size, held).sum(1).tolist()
         recv_splits = recv_SL.sum(1).tolist()
-        # 2. the rows, with their evidence rows alongside
-        rows_AX = x_TD[slots.token_A]
+        # 2. the rows, with their evidence rows alongside (padding assignments, sorted last, stay here)
+        sent = sum(send_splits)
+        rows_AX = slots.gather(x_TD)[:sent]
         if extra_AX is not None:
-            rows_AX = torch.cat([rows_AX, extra_AX[slots.order_A].to(rows_AX.dtype)], dim=-1)
+            rows_AX = torch.cat([rows_AX, extra_AX[slots.order_A[:sent]].to(rows_AX.dtype)], dim=-1)
         rows_RX = _Exchange.apply(rows_AX, recv_splits, send_splits, self.ep, f"tokens in {where}")
         # 3. received rows are grouped by source rank, each group sorted by local expert: regroup by expert
         expert_R = torch.repeat_interleave(torch.arange(held, device=x_TD.device).repeat(size), recv_SL.reshape(-1))

@@ -6,6 +6,12 @@ dispatcher. Pools that need per-token context (evidence experts) prepare dense r
 score biases the logits of routers that reach them, and each assignment to one of their experts carries its evidence
 row through dispatch.
 
+Host synchronisation: none on a single device. Every router scores every token and keeps the decisions of the
+tokens it serves (a router is a D x R matmul: cheap), so the number of assignments is static (tokens x top-k);
+counts, statistics and losses stay device tensors (read on log steps). With several pools, each pool gets a static
+region of the expert-sorted rows as large as it could need (tokens x min(top-k, its experts)); its grouped matmuls
+run only the rows routed to it.
+
 Expert parallelism: the injected dispatcher says which expert-parallel rank this is (``ep_rank`` of ``ep_size``);
 every pool then holds its share of experts, and assignments go to dispatch slots (rank-major, see
 ``asymoe_train.moe.dispatch``). Routers, reach-tables and losses always see the global experts.
@@ -26,8 +32,10 @@ from asymoe_train.config.schema import MoEConfig
 from asymoe_train.modality import CODES
 from asymoe_train.moe.dispatch import LocalDispatcher
 from asymoe_train.moe.evidence import TokenContext
-from asymoe_train.moe.experts import Shard, build_pool
+from asymoe_train.moe.experts import Shard
+from asymoe_train.moe.grouped import count_of, counts_on_device, expert_of_rows
 from asymoe_train.moe.order import order_loss
+from asymoe_train.moe.pools import build_pool
 from asymoe_train.moe.router import TopKRouter, balance_from_stats, z_loss
 
 
@@ -37,15 +45,16 @@ class MoEOutput:
 
     hidden_TD: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # balance (sum over routers), z, evd, order
-    # router name -> assignments per reachable expert (detached, long), and tokens the router served
+    # router name -> assignments per reachable expert (detached, long), and tokens the router served (0-d tensor)
     expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    router_tokens: dict[str, int] = field(default_factory=dict)
+    router_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     # router name -> its probabilities summed over its tokens per reachable expert (fp32, with gradient); set when the
     # balance loss is active. With expert_counts, router_tokens and top_k, the statistics of ``losses["balance"]``, so
     # a trainer can form that loss over the global batch of all data-parallel ranks (``training.losses.total_loss``).
     router_prob_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     top_k: int = 1
-    stats: dict[str, float] = field(default_factory=dict)  # scalar observability (curvature, alpha, s_evd, ...)
+    # scalar observability (curvature, alpha, s_evd, ...) as detached 0-d tensors: read on the host on log steps only
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MoEBlock(nn.Module):
@@ -78,7 +87,8 @@ class MoEBlock(nn.Module):
                 owner, i = divmod(j, pool.num_experts)
                 slot_E[self.pool_offsets[name] + j] = owner * held + first_local + i
             first_local += pool.num_experts
-        self.register_buffer("slot_E", torch.tensor(slot_E, dtype=torch.long), persistent=False)
+        # the padding slot (tokens no router serves) maps to itself
+        self.register_buffer("slot_E", torch.tensor([*slot_E, self.num_experts], dtype=torch.long), persistent=False)
         self.routers = nn.ModuleDict()
         self.router_modalities: dict[str, list[int]] = {}
         self.router_context_pools: dict[str, list[tuple[str, int, int]]] = {}  # (pool, first col, num experts)
@@ -104,34 +114,74 @@ class MoEBlock(nn.Module):
         """Global expert indices a router can reach, in router-local order."""
         return getattr(self, f"reach_{router}")
 
-    def run_experts(self, x_AD: torch.Tensor, counts_E: list[int], extra_AD: torch.Tensor | None) -> torch.Tensor:
-        """Run every pool on its contiguous slice of rows sorted by the experts held here (``counts_E``, pool by
-        pool); evidence pools also get each row's evidence output (``extra_AD``)."""
-        outputs = []
-        start, first = 0, 0
-        for pool in self.pools.values():
-            counts = counts_E[first : first + pool.num_experts]
-            first += pool.num_experts
-            rows = slice(start, start + sum(counts))
-            if getattr(pool, "needs_context", False):
-                outputs.append(pool(x_AD[rows], counts, extra_AD[rows]))
-            else:
-                outputs.append(pool(x_AD[rows], counts))
-            start = rows.stop
-        return torch.cat(outputs, dim=0)
+    def run_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor | list[int],
+                    extra_AD: torch.Tensor | None) -> torch.Tensor:
+        """Run every pool on its rows of ``x_AD``, sorted by the experts held here (``counts_E``, pool by pool;
+        rows after the last expert's are padding); evidence pools also get each row's evidence output
+        (``extra_AD``). Host counts (a list, or pools that read them anyway) slice contiguously; device counts give
+        every pool a static region (module doc)."""
+        pools = list(self.pools.values())
+        sizes = [pool.num_experts for pool in pools]
+        if len(pools) == 1:
+            return self._run_pool(pools[0], x_AD, counts_E, extra_AD)
+        if isinstance(counts_E, list) or not counts_on_device(x_AD, self.cfg.expert_compute):
+            counts = counts_E if isinstance(counts_E, list) else counts_E.tolist()
+            outputs, start, first = [], 0, 0
+            for pool, size in zip(pools, sizes):
+                rows = slice(start, start + sum(counts[first : first + size]))
+                outputs.append(self._run_pool(pool, x_AD[rows], counts[first : first + size],
+                                              None if extra_AD is None else extra_AD[rows]))
+                start, first = rows.stop, first + size
+            if start < x_AD.shape[0]:
+                outputs.append(x_AD.new_zeros(x_AD.shape[0] - start, outputs[0].shape[-1]))
+            return torch.cat(outputs, dim=0)
+        # Static regions: pool p's rows move to [region_p, region_p + bound_p) of a buffer whose last row is zeros.
+        num_rows, tokens = x_AD.shape[0], x_AD.shape[0] // self.top_k
+        bounds = [tokens * min(self.top_k, pool.num_global_experts) for pool in pools]
+        region_P = torch.tensor([0, *bounds], device=x_AD.device).cumsum(0)
+        pool_counts = counts_E.split(sizes)
+        rows_P = torch.stack([c.sum() for c in pool_counts])
+        pool_A = expert_of_rows(rows_P, num_rows)  # len(pools) for padding rows
+        starts_P = torch.cat([rows_P.new_zeros(1), rows_P.cumsum(0)])  # [pools + 1]
+        dest_A = region_P[pool_A] + torch.arange(num_rows, device=x_AD.device) - starts_P[pool_A]
+        dest_A = torch.where(pool_A < len(pools), dest_A, region_P[-1])  # padding: the zero row
+        source_B = torch.full((int(sum(bounds)) + 1,), num_rows, dtype=torch.long, device=x_AD.device)
+        source_B = source_B.scatter(0, dest_A, torch.arange(num_rows, device=x_AD.device))
+        source_B[-1] = num_rows
+
+        def regions(t_AX: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t_AX, t_AX.new_zeros(1, t_AX.shape[-1])])[source_B]
+
+        x_BD = regions(x_AD)
+        extra_BD = None if extra_AD is None else regions(extra_AD)
+        outputs, at = [], 0
+        for pool, bound, counts in zip(pools, bounds, pool_counts):
+            part = slice(at, at + bound)
+            outputs.append(self._run_pool(pool, x_BD[part], counts, None if extra_BD is None else extra_BD[part]))
+            at += bound
+        y_BD = torch.cat([*outputs, outputs[0].new_zeros(1, outputs[0].shape[-1])])
+        return y_BD[dest_A]
+
+    @staticmethod
+    def _run_pool(pool: nn.Module, x_ND: torch.Tensor, counts, extra_ND: torch.Tensor | None) -> torch.Tensor:
+        if getattr(pool, "needs_context", False):
+            return pool(x_ND, counts, extra_ND)
+        return pool(x_ND, counts)
 
     def evidence_rows(self, x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor,
                       preps: dict) -> torch.Tensor | None:
         """Per assignment, the evidence output of its (global) expert for its token; zero rows for experts of
-        other pools. None when no pool needs context."""
+        other pools. None when no pool needs context. Gathers for every assignment (static sizes, no host read)."""
         if not preps:
             return None
-        extra_AD = x_TD.new_zeros(expert_A.shape[0], x_TD.shape[-1])
+        extra_AD = None
         for name, prep in preps.items():
-            first = self.pool_offsets[name]
-            hit_H = ((expert_A >= first) & (expert_A < first + self.pools[name].num_global_experts)).nonzero()[:, 0]
-            rows_HD = prep.evidence_ETD[expert_A[hit_H] - first, token_A[hit_H]]
-            extra_AD = extra_AD.index_put((hit_H,), rows_HD.to(extra_AD.dtype))
+            num = self.pools[name].num_global_experts
+            local_A = expert_A - self.pool_offsets[name]
+            hit_A1 = ((local_A >= 0) & (local_A < num)).unsqueeze(-1)
+            rows_AD = prep.evidence_ETD[local_A.clamp(0, num - 1), token_A].to(x_TD.dtype)
+            rows_AD = torch.where(hit_A1, rows_AD, 0)
+            extra_AD = rows_AD if extra_AD is None else extra_AD + rows_AD
         return extra_AD
 
     def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: TokenContext | None = None) -> MoEOutput:
@@ -141,49 +191,55 @@ class MoEBlock(nn.Module):
                 if ctx is None:
                     raise ValueError(f"MoE pool {name!r} needs token context (context_BT); the model must pass it")
                 preps[name] = pool.prepare(x_TD, ctx)
-        tokens, experts, weights = [], [], []
-        out = MoEOutput(hidden_TD=x_TD, top_k=self.top_k)
+        num_tokens, k = x_TD.shape[0], self.top_k
+        # every token starts on the padding slot with weight 0; each router fills in the tokens it serves
+        expert_TK = torch.full((num_tokens, k), self.num_experts, dtype=torch.long, device=x_TD.device)
+        weight_TK = x_TD.new_zeros((num_tokens, k), dtype=torch.float32)
+        out = MoEOutput(hidden_TD=x_TD, top_k=k)
         zero = x_TD.new_zeros((), dtype=torch.float32)
         balance, zl, evd = zero, zero, zero
         for name, router in self.routers.items():
-            token_N = torch.isin(modality_T, getattr(self, f"codes_{name}")).nonzero(as_tuple=True)[0]
-            bias_NR = None
+            served_T = torch.isin(modality_T, getattr(self, f"codes_{name}"))
+            served_f_T = served_T.float()
+            num_served = served_T.sum()
+            denom = num_served.clamp_min(1).float()
+            bias_TR = None
             context_pools = self.router_context_pools[name]
             if context_pools:
-                bias_NR = torch.zeros(token_N.numel(), len(self.reach(name)), device=x_TD.device)
+                bias_TR = x_TD.new_zeros((num_tokens, len(self.reach(name))), dtype=torch.float32)
                 for pool, col, num in context_pools:
                     # detached: s_evd is a read-out of the evidence attention (trained through the evidence branch),
                     # not something routing losses should reshape
-                    score = preps[pool].score_T[token_N, None].detach().float()
-                    bias_NR[:, col : col + num] = self.cfg.evidence.beta * score
-            routing = router(x_TD[token_N], bias_NR)
-            tokens.append(token_N.repeat_interleave(self.top_k))
-            experts.append(self.reach(name)[routing.experts_NK.reshape(-1)])
-            weights.append(routing.weights_NK.reshape(-1))
-            counts_R = torch.bincount(routing.experts_NK.reshape(-1), minlength=routing.probs_NR.shape[-1]).detach()
+                    score_T1 = preps[pool].score_T[:, None].detach().float()
+                    bias_TR[:, col : col + num] = self.cfg.evidence.beta * score_T1
+            routing = router(x_TD, bias_TR)
+            expert_TK = torch.where(served_T[:, None], self.reach(name)[routing.experts_NK], expert_TK)
+            weight_TK = torch.where(served_T[:, None], routing.weights_NK, weight_TK)
+            num_reach = routing.probs_NR.shape[-1]
+            counts_R = count_of(routing.experts_NK.reshape(-1), num_reach, served_T.repeat_interleave(k)).detach()
             out.expert_counts[name] = counts_R
-            out.router_tokens[name] = int(token_N.numel())
+            out.router_tokens[name] = num_served
             if "balance" in self.active_losses:
-                prob_sum_R = routing.probs_NR.sum(dim=0)
+                prob_sum_R = (routing.probs_NR * served_f_T[:, None]).sum(dim=0)
                 out.router_prob_sums[name] = prob_sum_R
-                balance = balance + balance_from_stats(counts_R, prob_sum_R, out.router_tokens[name], self.top_k)
+                balance = balance + balance_from_stats(counts_R, prob_sum_R, num_served, k)
             if "z" in self.active_losses:
-                zl = zl + z_loss(routing)
+                zl = zl + z_loss(routing, served_T)
             for pool, col, num in context_pools:
-                score_N = preps[pool].score_T[token_N]
-                mass_N = routing.probs_NR[:, col : col + num].sum(-1)
-                if "evd" in self.active_losses and self.cfg.evidence.loss_kind == "routing" and token_N.numel():
+                score_T = preps[pool].score_T
+                mass_T = routing.probs_NR[:, col : col + num].sum(-1)
+                if "evd" in self.active_losses and self.cfg.evidence.loss_kind == "routing":
                     # tokens that draw on evidence should be routed to evidence experts (target detached)
-                    evd = evd + nn.functional.binary_cross_entropy(
-                        mass_N.clamp(1e-6, 1 - 1e-6), score_N.detach().float().clamp(0, 1)
-                    )
-                served = max(int(token_N.numel()), 1)
-                out.stats[f"{name}/{pool}_share"] = float(counts_R[col : col + num].sum()) / (served * self.top_k)
-                out.stats[f"{name}/s_evd_mean"] = float(score_N.detach().float().sum()) / served
-        token_A, expert_A = torch.cat(tokens), torch.cat(experts)
+                    bce_T = nn.functional.binary_cross_entropy(
+                        mass_T.clamp(1e-6, 1 - 1e-6), score_T.detach().float().clamp(0, 1), reduction="none")
+                    evd = evd + (bce_T * served_f_T).sum() / denom
+                out.stats[f"{name}/{pool}_share"] = counts_R[col : col + num].sum() / (denom * k)
+                out.stats[f"{name}/s_evd_mean"] = (score_T.detach().float() * served_f_T).sum() / denom
+        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
+        expert_A = expert_TK.reshape(-1)
         extra_AD = self.evidence_rows(x_TD, token_A, expert_A, preps)
         slot_A = self.slot_E[expert_A] if self.ep_size > 1 else expert_A
-        out.hidden_TD = self.dispatcher(x_TD, token_A, slot_A, torch.cat(weights), self.num_experts,
+        out.hidden_TD = self.dispatcher(x_TD, token_A, slot_A, weight_TK.reshape(-1), self.num_experts,
                                         self.run_experts, extra_AD, where=self.name)
         has_context = any(self.router_context_pools.values())
         computed = {"balance": balance, "z": zl, "evd": evd if has_context and self.cfg.evidence.loss_kind == "routing" else None}
@@ -192,13 +248,14 @@ class MoEBlock(nn.Module):
         for name, pool in self.pools.items():
             if hasattr(pool, "curvature"):  # hyperbolic pool
                 c = pool.curvature()
-                out.stats[f"{name}/curvature"] = float(c.detach())
+                out.stats[f"{name}/curvature"] = c.detach()
                 if "order" in self.active_losses and ctx is not None:
                     scale = pool.log_scale_E.exp().mean()
                     out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture)
             if hasattr(pool, "alpha_E"):  # evidence pool
-                for e, alpha in enumerate(pool.alpha_E.detach().tolist()):
-                    out.stats[f"{name}/alpha_e{e}"] = alpha
+                alpha_E = pool.alpha_E.detach()
+                for e in range(alpha_E.shape[0]):
+                    out.stats[f"{name}/alpha_e{e}"] = alpha_E[e]
         return out
 
     @classmethod

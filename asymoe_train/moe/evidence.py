@@ -6,8 +6,12 @@ alpha = sigmoid(a). The evidence branch's output projection starts at zero, so a
 FFN. Every evidence head also sees a learned null key with a zero value (an attention sink): the head-averaged
 attention mass that lands on real context tokens instead of the sink is the token's evidence score s_evd in [0, 1].
 
-The evidence attention is computed densely for all tokens before dispatch (``prepare``), so routing can add
-beta * s_evd to the EP logits; each dispatched row then carries its attended context (the heads' outputs, before the
+The evidence attention is computed for all tokens before dispatch (``prepare``), so routing can add beta * s_evd to
+the EP logits. It runs as one fused ``scaled_dot_product_attention`` over every expert's heads, with the null key as
+one extra key position, so no B x H x T x T probability tensor is formed; s_evd comes out of the same kernel: the
+null slot's value carries a 1 in one extra value channel (zeros elsewhere), so that channel of the output is the
+null slot's probability, and s_evd = 1 - its head mean. Queries and keys get zero channels up to that width, which
+leaves their dot products unchanged (the tests pin it to the dense computation with explicit probabilities). Then each dispatched row then carries its attended context (the heads' outputs, before the
 output projection) to its expert, which projects only the rows routed to it. Under expert
 parallelism only the memory branches are split over ranks: s_evd averages the attention of every expert and must be
 known where the token is routed, so the evidence branches (and the gates) stay whole on every rank, and a token's
@@ -26,6 +30,14 @@ import torch
 from torch import nn
 
 from asymoe_train.moe.experts import WHOLE, Shard, SwiGLUExperts
+from asymoe_train.moe.grouped import (
+    as_counts,
+    expert_of_rows,
+    grouped_applies,
+    grouped_linear,
+    per_expert,
+    valid_rows,
+)
 
 
 @dataclass
@@ -57,6 +69,7 @@ class EvidenceExperts(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"evidence experts: hidden size {hidden_size} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.compute = "auto"  # model.moe.expert_compute (moe.grouped); the memory branch follows it
         self.memory = SwiGLUExperts(num_experts, hidden_size, intermediate_size, act, shard)
         self.num_global_experts, self.first_expert = num_experts, self.memory.first_expert
         self.num_experts = self.memory.num_experts
@@ -74,27 +87,31 @@ class EvidenceExperts(nn.Module):
         return torch.sigmoid(self.gate_logit_E)
 
     def prepare(self, x_TD: torch.Tensor, ctx: TokenContext) -> EvidencePrep:
-        """Evidence attention for every token and every expert of the pool, and the evidence score s_evd."""
+        """Evidence attention for every token and every expert of the pool, and the evidence score s_evd (module
+        doc: one fused attention call, the null slot's probability read from an extra value channel)."""
         b, t = ctx.batch_shape
         d = x_TD.shape[-1]
-        h, c = self.num_heads, d // self.num_heads
-        x_BTD = x_TD.reshape(b, t, d)
-        # allowed[b, i, j]: position j is context and strictly before i
+        e, h, c = self.num_global_experts, self.num_heads, d // self.num_heads
+        # every expert's q, k, v in one matmul: [B, T, 3, E*H, C] -> each [B, E*H, T, C]
+        qkv = nn.functional.linear(x_TD.reshape(b, t, d), self.qkv_E3XD.transpose(0, 1).flatten(0, 2).to(x_TD.dtype))
+        q, k, v = qkv.unflatten(-1, (3, e * h, c)).permute(2, 0, 3, 1, 4)
+        # Extra channels (a multiple of 8 keeps the fused kernels' alignment), and key positions: the null slot at T,
+        # then masked-out keys up to a multiple of 8 (the mask's rows stay aligned).
+        pad, s = 8, -(-(t + 1) // 8) * 8
+        null_k = self.null_key_EHC.reshape(1, e * h, 1, c).to(q.dtype).expand(b, -1, -1, -1)
+        q = nn.functional.pad(q, (0, pad))
+        k = nn.functional.pad(torch.cat([k, null_k], dim=2), (0, pad, 0, s - t - 1))
+        v = nn.functional.pad(v, (0, pad, 0, s - t))
+        v[:, :, t, c] = 1  # the null slot's value: zero but for the channel that reads out its probability
+        # allowed[b, i, j]: key j is context strictly before query i, or the null slot (always)
         before_TT = torch.ones(t, t, dtype=torch.bool, device=x_TD.device).tril(-1)
         allowed_B1TT = (before_TT.unsqueeze(0) & ctx.context_BT.unsqueeze(1)).unsqueeze(1)
-        outputs, scores = [], []
-        for e in range(self.num_global_experts):
-            qkv_BT3HC = nn.functional.linear(x_BTD, self.qkv_E3XD[e].flatten(0, 1)).unflatten(-1, (3, h, c))
-            q, k, v = qkv_BT3HC.permute(2, 0, 3, 1, 4)  # each [B, H, T, C]
-            logits_BHTT = (q @ k.transpose(-1, -2)).float() * c**-0.5
-            logits_BHTT = logits_BHTT.masked_fill(~allowed_B1TT, float("-inf"))
-            null_BHT1 = (q.float() * self.null_key_EHC[e].float()[None, :, None, :]).sum(-1, keepdim=True) * c**-0.5
-            probs = torch.cat([logits_BHTT, null_BHT1], dim=-1).softmax(dim=-1)
-            context_probs_BHTT = probs[..., :t]  # the null slot's value is zero: it only absorbs mass
-            attended_BHTC = context_probs_BHTT.to(v.dtype) @ v
-            outputs.append(attended_BHTC.transpose(1, 2).reshape(b * t, d))
-            scores.append(context_probs_BHTT.sum(-1).mean(1).reshape(b * t))
-        return EvidencePrep(torch.stack(outputs), torch.stack(scores).mean(0))
+        allowed_B1TS = nn.functional.pad(allowed_B1TT, (0, s - t), value=False)
+        allowed_B1TS[..., t] = True
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed_B1TS, scale=c**-0.5)
+        attended_ETD = out[..., :c].unflatten(1, (e, h)).permute(1, 0, 3, 2, 4).reshape(e, b * t, d)
+        null_ET = out[..., c].float().unflatten(1, (e, h)).mean(2).permute(1, 0, 2).reshape(e, b * t)
+        return EvidencePrep(attended_ETD, (1 - null_ET).mean(0))
 
     def expert(self, e: int, x_ND: torch.Tensor, attended_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` (of those held here) on its tokens and their attended context (``EvidencePrep``): the output
@@ -104,16 +121,20 @@ class EvidenceExperts(nn.Module):
         evidence_ND = nn.functional.linear(attended_ND, self.out_EDX[e_global])
         return self.memory.expert(e, x_ND) + self.alpha_E[e_global].to(x_ND.dtype) * evidence_ND
 
-    def forward(self, x_ND: torch.Tensor, counts: list[int], evidence_ND: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert, ``counts[e]`` of them for expert e, each with its attended context
-        ``prep.evidence_ETD[expert, token]``; returns outputs in the same order."""
-        outputs = []
-        start = 0
-        for e, count in enumerate(counts):
-            rows = slice(start, start + count)
-            outputs.append(self.expert(e, x_ND[rows], evidence_ND[rows]))
-            start += count
-        return torch.cat(outputs, dim=0)
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor | list[int],
+                evidence_ND: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts_E[e]`` of them for expert e, each with its attended context
+        ``prep.evidence_ETD[expert, token]``; returns outputs in the same order (rows after the last slice give
+        unspecified outputs)."""
+        counts_E = as_counts(counts_E, x_ND.device)
+        held = slice(self.first_expert, self.first_expert + self.num_experts)
+        out_EDX = self.out_EDX[held]
+        if not grouped_applies(x_ND, out_EDX, self.compute):
+            return per_expert(self.expert, counts_E, x_ND, evidence_ND)
+        alpha_N1 = self.alpha_E[held][expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)]
+        evidence_ND = grouped_linear(evidence_ND.to(x_ND.dtype), out_EDX, counts_E, self.compute,
+                                     valid_N1=valid_rows(counts_E, x_ND.shape[0]))
+        return self.memory(x_ND, counts_E) + alpha_N1.unsqueeze(-1).to(x_ND.dtype) * evidence_ND
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """The memory branch copies the dense MLP; the evidence branch keeps its zero output projection. Its q, k, v

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from asymoe_train.moe.grouped import as_counts, grouped_applies, grouped_linear, per_expert
+
 
 def mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gate [F, D], up [F, D], down [D, F])`` of a dense SwiGLU MLP: separate gate_proj / up_proj (Llama, Qwen2,
@@ -84,6 +86,7 @@ class SwiGLUExperts(nn.Module):
         self.num_experts = num_experts
         self.act_name = act
         self.act = ACT2FN[act]
+        self.compute = "auto"  # model.moe.expert_compute: grouped GEMMs or the per-expert loop (moe.grouped)
         self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -95,15 +98,15 @@ class SwiGLUExperts(nn.Module):
         h_NF = self.act(nn.functional.linear(x_ND, self.gate_EFD[e])) * nn.functional.linear(x_ND, self.up_EFD[e])
         return nn.functional.linear(h_NF, self.down_EDF[e])
 
-    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Tokens sorted by expert, ``counts[e]`` of them for expert e; returns outputs in the same order."""
-        outputs = []
-        start = 0
-        for e, count in enumerate(counts):
-            # Zero-token experts still run (on an empty slice) so every rank executes the same graph.
-            outputs.append(self.expert(e, x_ND[start : start + count]))
-            start += count
-        return torch.cat(outputs, dim=0)
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts_E[e]`` of them for expert e (rows after the last slice are ignored and
+        give unspecified outputs); returns outputs in the same order."""
+        counts_E = as_counts(counts_E, x_ND.device)
+        if not grouped_applies(x_ND, self.gate_EFD, self.compute):
+            return per_expert(self.expert, counts_E, x_ND)
+        h_NF = self.act(grouped_linear(x_ND, self.gate_EFD, counts_E, self.compute)) * grouped_linear(
+            x_ND, self.up_EFD, counts_E, self.compute)
+        return grouped_linear(h_NF, self.down_EDF, counts_E, self.compute)
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Copy a dense SwiGLU MLP (separate or fused gate/up) into every expert (sparse upcycling)."""
@@ -117,37 +120,3 @@ class SwiGLUExperts(nn.Module):
     def params_per_expert(self) -> int:
         """Parameters of one expert."""
         return (self.gate_EFD.numel() + self.up_EFD.numel() + self.down_EDF.numel()) // self.num_experts
-
-
-def _ffn(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
-    return SwiGLUExperts(pool.num_experts, hidden, intermediate * pool.width, act, shard)
-
-
-def _evidence(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
-    from asymoe_train.moe.evidence import EvidenceExperts
-
-    ev = moe.evidence
-    return EvidenceExperts(pool.num_experts, hidden, intermediate, act, num_heads=ev.num_heads,
-                           alpha_init=ev.alpha_init, shard=shard)
-
-
-def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
-    from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
-
-    hyp = moe.hyperbolic
-    kwargs = {"init_scale": hyp.init_scale} if hyp.init_scale > 0 else {}
-    return HyperbolicExperts(pool.num_experts, hidden, intermediate, act, geometry=hyp.geometry,
-                             curvature_init=hyp.curvature_init, curvature_min=hyp.curvature_min,
-                             curvature_max=hyp.curvature_max, shard=shard, **kwargs)
-
-
-# Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert): builders from
-# (pool config, MoE config, hidden size, FFN size, activation, shard).
-EXPERT_TYPES = {"ffn": _ffn, "evidence": _evidence, "hyperbolic": _hyperbolic}
-
-
-def build_pool(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard = WHOLE) -> nn.Module:
-    """The expert pool of one pool config; ``shard`` says which of its experts this process holds."""
-    if pool.expert not in EXPERT_TYPES:
-        raise ValueError(f"unknown expert type {pool.expert!r}; expected one of {sorted(EXPERT_TYPES)}")
-    return EXPERT_TYPES[pool.expert](pool, moe, hidden, intermediate, act, shard)

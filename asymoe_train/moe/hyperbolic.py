@@ -15,8 +15,11 @@ fp64) and returns the dtype of its first argument. Each clamp is named below wit
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -57,14 +60,30 @@ def _fp32(fn):
     return wrapper
 
 
+# Whether ``_norm`` may read a flag on the host (CPU only); off inside :func:`no_host_reads`.
+_HOST_CHECKS = contextvars.ContextVar("hyperbolic_host_checks", default=True)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within this block the maps read nothing on the host, on CPU too (the grouped expert path, which keeps every
+    count and check on the device wherever it runs)."""
+    token = _HOST_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)
+
+
 def _norm(x_ND: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over the last dim, keepdim, that does not overflow: |x| = m·|x/m| with m = max_i |x_i|
     (detached; the identity has the exact gradient). Lorentz coordinates reach ~1e21, whose squares overflow fp32.
 
     On CPU the plain norm is tried first and kept when every row is finite (checking costs no device sync there): the
     rescaled one takes four more passes over ``x`` forward and backward, most of a hyperbolic expert's element-wise
-    time at the demo's sizes. Only rows whose squares overflow differ, and those take the rescaled path."""
-    if x_ND.device.type == "cpu":
+    time at the demo's sizes. Only rows whose squares overflow differ, and those take the rescaled path. Not within
+    :func:`no_host_reads`."""
+    if x_ND.device.type == "cpu" and _HOST_CHECKS.get():
         plain_N1 = torch.linalg.vector_norm(x_ND, dim=-1, keepdim=True)
         if bool(plain_N1.isfinite().all()):
             return plain_N1
@@ -96,8 +115,8 @@ def lorentz_project(x_ND: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor
 def lorentz_expmap0_parts(v_ND: torch.Tensor, c: float | torch.Tensor,
                           scale: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``lorentz_expmap0(scale · v)`` as (time ``[..., 1]``, space ``[..., D]``), for callers that use the parts
-    separately (fp32 is the caller's business here). ``scale`` (a scalar) joins the per-row factor, which saves the
-    pass over ``v`` that forming ``scale · v`` would take."""
+    separately (fp32 is the caller's business here). ``scale`` (a scalar, or one per row ``[..., 1]``) joins the
+    per-row factor, which saves the pass over ``v`` that forming ``scale · v`` would take."""
     sqrt_c = c**0.5
     theta_N1 = sqrt_c * (scale * _norm(v_ND)).clamp_min(MIN_NORM)
     clamped_N1 = theta_N1.clamp_max(MAX_LORENTZ_THETA)
@@ -108,7 +127,7 @@ def lorentz_expmap0_parts(v_ND: torch.Tensor, c: float | torch.Tensor,
 def lorentz_logmap0_space(space_ND: torch.Tensor, c: float | torch.Tensor,
                           scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``lorentz_logmap0`` of the point whose space part is ``space_ND`` (the time coordinate is implied by it),
-    divided by ``scale`` (a scalar) within the per-row factor."""
+    divided by ``scale`` (a scalar, or one per row ``[..., 1]``) within the per-row factor."""
     z_N1 = c**0.5 * _norm(space_ND).clamp_min(MIN_NORM)
     return space_ND * (torch.asinh(z_N1) / (z_N1 * scale))
 

@@ -32,6 +32,13 @@ every scale and curvature; curvature acts through the Möbius bias additions, wh
 appears once the biases train. The Lorentz expert depends on c from the start (x_0 = cosh(θ)/sqrt(c), the asinh read
 back), hence the default.
 
+Grouped path (``model.moe.expert_compute``, default on CUDA). All experts of the pool in one pass over the
+expert-sorted rows: each matmul is one grouped GEMM in the training precision (bf16 operands, fp32 accumulation on
+tensor cores), while the maps, norms, clamps, biases and time columns stay fp32, with the per-expert pre-scales,
+biases and time columns gathered per row. On CUDA the element-wise chains between the matmuls are compiled
+(``torch.compile``, dynamic shapes), so each runs as a few fused kernels. ``_expert`` (fp32 throughout, one expert at
+a time) is the reference the tests pin it against.
+
 # N tokens in a slice, D model dim, F expert hidden dim, E experts in the pool, P = 1 + D, Q = 1 + F Lorentz coords
 """
 
@@ -45,13 +52,24 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from asymoe_train.moe.experts import WHOLE, Shard, copy_mlp
+from asymoe_train.moe.grouped import (
+    as_counts,
+    expert_of_rows,
+    grouped_applies,
+    grouped_linear,
+    per_expert,
+    valid_rows,
+)
 from asymoe_train.moe.hyperbolic import (
     Curvature,
     lorentz_expmap0_parts,
     lorentz_logmap0_space,
+    mobius_add,
+    no_host_reads,
     poincare_expmap0,
     poincare_linear,
     poincare_logmap0,
+    poincare_project,
 )
 
 GEOMETRIES = ("lorentz", "poincare")
@@ -103,6 +121,7 @@ class HyperbolicExperts(nn.Module):
         self.init_scale = init_scale
         self.act_name = act
         self.act = ACT2FN[act]
+        self.compute = "auto"  # model.moe.expert_compute: the grouped path (module doc) or the per-expert loop
         self.curvature = Curvature(curvature_init, curvature_min, curvature_max)
         self.log_scale_E = nn.Parameter(torch.full((self.num_global_experts,),
                                                    math.log(init_scale / math.sqrt(hidden_size))))
@@ -171,16 +190,55 @@ class HyperbolicExperts(nn.Module):
         """Expert ``e`` applied to its tokens; returns ``x_ND``'s dtype."""
         return self._expert(e, x_ND, self.curvature()).to(x_ND.dtype)
 
-    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Tokens sorted by expert, ``counts[e]`` of them for expert e; returns outputs in the same order."""
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, ``counts_E[e]`` of them for expert e; returns outputs in the same order (rows
+        after the last slice give unspecified outputs)."""
         c = self.curvature()
-        outputs = []
-        start = 0
-        for e, count in enumerate(counts):
-            # Zero-token experts still run (on an empty slice) so every rank executes the same graph.
-            outputs.append(self._expert(e, x_ND[start : start + count], c))
-            start += count
-        return torch.cat(outputs, dim=0).to(x_ND.dtype)
+        counts_E = as_counts(counts_E, x_ND.device)
+        if not grouped_applies(x_ND, self.gate_EFD, self.compute):
+            return per_expert(lambda e, x: self._expert(e, x, c), counts_E, x_ND).to(x_ND.dtype)
+        expert_N = expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)
+        held = slice(self.first_expert, self.first_expert + self.num_experts)
+        with no_host_reads(), torch.autocast(x_ND.device.type, enabled=False):
+            scale_N1 = self.log_scale_E[held].float().exp()[expert_N].unsqueeze(-1)
+            if self.geometry == "lorentz":
+                return self._lorentz_rows(x_ND, counts_E, expert_N, scale_N1, c)
+            return self._poincare_rows(x_ND, counts_E, expert_N, scale_N1, c)
+
+    def _gathered(self, expert_N: torch.Tensor, *names: str) -> list[torch.Tensor]:
+        """Per-row fp32 copies of per-expert vectors (biases, time columns)."""
+        return [getattr(self, name).float()[expert_N] for name in names]
+
+    def _lorentz_rows(self, x_ND, counts_E, expert_N, scale_N1, c) -> torch.Tensor:
+        """The grouped Lorentz experts: three grouped GEMMs in ``x_ND``'s dtype, fp32 element-wise chains between
+        them (fused on CUDA)."""
+        dtype, valid_N1 = x_ND.dtype, valid_rows(counts_E, x_ND.shape[0])
+        time_N1, space_ND = _fused(_lorentz_in, x_ND)(x_ND, c, scale_N1)
+        gate_NF = grouped_linear(space_ND.to(dtype), self.gate_EFD, counts_E, self.compute, valid_N1=valid_N1)
+        up_NF = grouped_linear(space_ND.to(dtype), self.up_EFD, counts_E, self.compute, valid_N1=valid_N1)
+        time_N1, space_NF = _fused(_lorentz_hidden, x_ND)(
+            gate_NF, up_NF, time_N1, *self._gathered(expert_N, "gate_bias_EF", "gate_time_EF", "up_bias_EF",
+                                                     "up_time_EF"), c, scale_N1, self.act)
+        down_ND = grouped_linear(space_NF.to(dtype), self.down_EDF, counts_E, self.compute, valid_N1=valid_N1)
+        return _fused(_lorentz_out, x_ND)(down_ND, time_N1, *self._gathered(expert_N, "down_bias_ED", "down_time_ED"),
+                                          c, scale_N1).to(dtype)
+
+    def _poincare_rows(self, x_ND, counts_E, expert_N, scale_N1, c) -> torch.Tensor:
+        """The grouped Poincaré experts: each layer's matvec M log0(p) as a grouped GEMM in ``x_ND``'s dtype, the
+        maps and Möbius bias additions in fp32."""
+        dtype, valid_N1 = x_ND.dtype, valid_rows(counts_E, x_ND.shape[0])
+
+        def layer(name: str, point_NX: torch.Tensor) -> torch.Tensor:
+            weight, bias, _ = (getattr(self, attr) for attr in LAYERS[name])
+            lin = grouped_linear(poincare_logmap0(point_NX, c).to(dtype), weight, counts_E, self.compute,
+                                 valid_N1=valid_N1)
+            bias_point = poincare_expmap0(bias.float()[expert_N] * scale_N1, c)
+            y = poincare_project(mobius_add(poincare_expmap0(lin.float(), c), bias_point, c), c)
+            return poincare_logmap0(y, c) / scale_N1
+
+        p_ND = poincare_expmap0(x_ND.float() * scale_N1, c)
+        h_NF = self.act(layer("gate", p_ND)) * layer("up", p_ND)
+        return layer("down", poincare_expmap0(h_NF * scale_N1, c)).to(dtype)
 
     @torch.no_grad()
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
@@ -203,3 +261,40 @@ class HyperbolicExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, geometry={self.geometry}, init_scale={self.init_scale}"
+
+
+# ------------------------------------------------------------------ the grouped Lorentz path's element-wise chains
+# Each is fp32 and row-wise, between two grouped GEMMs; on CUDA each is compiled into a few fused kernels.
+
+
+def _lorentz_in(x_ND: torch.Tensor, c: torch.Tensor, scale_N1: torch.Tensor):
+    """exp0(s·x) as (time, space) in fp32."""
+    return lorentz_expmap0_parts(x_ND.float(), c, scale_N1)
+
+
+def _lorentz_hidden(gate_NF, up_NF, time_N1, gate_bias_NF, gate_time_NF, up_bias_NF, up_time_NF, c, scale_N1, act):
+    """Biases and time columns of the gate and up layers, their log0 read-outs, the SwiGLU product, and exp0 of it:
+    (time, space) of the down layer's input point."""
+    gate_NF = gate_NF.float() + (gate_bias_NF + time_N1 * gate_time_NF) * scale_N1
+    up_NF = up_NF.float() + (up_bias_NF + time_N1 * up_time_NF) * scale_N1
+    h_NF = act(lorentz_logmap0_space(gate_NF, c, scale_N1)) * lorentz_logmap0_space(up_NF, c, scale_N1)
+    return lorentz_expmap0_parts(h_NF, c, scale_N1)
+
+
+def _lorentz_out(down_ND, time_N1, down_bias_ND, down_time_ND, c, scale_N1):
+    """The down layer's bias and time column, and the log0 read-out of its output, unscaled."""
+    space_ND = down_ND.float() + (down_bias_ND + time_N1 * down_time_ND) * scale_N1
+    return lorentz_logmap0_space(space_ND, c, scale_N1)
+
+
+_COMPILED: dict = {}
+
+
+def _fused(fn, like: torch.Tensor):
+    """``fn`` compiled (dynamic shapes) on CUDA, where its element-wise chain fuses into few kernels; eager
+    elsewhere (on CPU the per-op kernels are as fast, and compiling costs seconds per shape family)."""
+    if like.device.type != "cuda":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]

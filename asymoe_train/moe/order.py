@@ -13,7 +13,7 @@ import torch
 
 from asymoe_train.modality import IMAGE, TEXT
 from asymoe_train.moe.evidence import TokenContext
-from asymoe_train.moe.hyperbolic import lorentz_expmap0
+from asymoe_train.moe.hyperbolic import lorentz_expmap0, no_host_reads
 
 EPS = 1e-6
 
@@ -34,28 +34,36 @@ def exterior_angle(x_space_ND: torch.Tensor, y_space_ND: torch.Tensor, c: torch.
     return torch.acos((numer / denom).clamp(-1 + EPS, 1 - EPS))
 
 
-def entailment_loss(parent_ND: torch.Tensor, child_ND: torch.Tensor, c: torch.Tensor, aperture: float) -> torch.Tensor:
-    """Mean of relu(angle(parent, child) - half_aperture(parent)); zero when every child is inside its parent's cone."""
-    if parent_ND.shape[0] == 0:
-        return parent_ND.sum() * 0
-    return torch.relu(exterior_angle(parent_ND, child_ND, c) - half_aperture(parent_ND, c, aperture)).mean()
+def entailment_loss(parent_ND: torch.Tensor, child_ND: torch.Tensor, c: torch.Tensor, aperture: float,
+                    keep_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of relu(angle(parent, child) - half_aperture(parent)) over the pairs (those ``keep_N`` marks, if given);
+    zero when every child is inside its parent's cone, or without pairs."""
+    violation_N = torch.relu(exterior_angle(parent_ND, child_ND, c) - half_aperture(parent_ND, c, aperture))
+    if keep_N is None:
+        return violation_N.sum() / max(violation_N.shape[0], 1)
+    return (violation_N * keep_N).sum() / keep_N.sum().clamp_min(1)
 
 
 def pooled_points(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor):
-    """(image points, text points) of the sequences that have both, as Lorentz space coordinates ``[N, D]``."""
+    """(image points, text points, which sequences have both) as Lorentz space coordinates ``[B, D]`` and a float
+    mask ``[B]``. Sequences without both get a fixed point instead (masked out of the loss; no host read selects
+    them)."""
     b, t = ctx.batch_shape
     x_BTD = x_TD.float().reshape(b, t, -1)
     points = []
     for code in (IMAGE, TEXT):
         mask_BT = (ctx.modality_BT == code).float()
         points.append((x_BTD * mask_BT.unsqueeze(-1)).sum(1) / mask_BT.sum(1, keepdim=True).clamp_min(1))
-    both_B = ((ctx.modality_BT == IMAGE).any(1)) & ((ctx.modality_BT == TEXT).any(1))
-    image_BP, text_BP = (lorentz_expmap0(scale * p[both_B], c)[:, 1:] for p in points)
-    return image_BP, text_BP
+    both_B1 = (((ctx.modality_BT == IMAGE).any(1)) & ((ctx.modality_BT == TEXT).any(1))).unsqueeze(-1)
+    with no_host_reads():
+        image_BP, text_BP = (lorentz_expmap0(scale * torch.where(both_B1, p, 1.0), c)[:, 1:] for p in points)
+    return image_BP, text_BP, both_B1[:, 0].float()
 
 
 def order_loss(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor, parent: str,
                aperture: float) -> torch.Tensor:
     """L_order of one MoE layer."""
-    image, text = pooled_points(x_TD, ctx, scale, c)
-    return entailment_loss(image, text, c, aperture) if parent == "vision" else entailment_loss(text, image, c, aperture)
+    image, text, both = pooled_points(x_TD, ctx, scale, c)
+    if parent == "vision":
+        return entailment_loss(image, text, c, aperture, both)
+    return entailment_loss(text, image, c, aperture, both)

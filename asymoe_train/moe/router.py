@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from asymoe_train.moe.grouped import count_of
+
 
 @dataclass
 class Routing:
@@ -50,23 +52,27 @@ def balance_loss(routing: Routing) -> torch.Tensor:
     Equals 1 under perfectly uniform routing. A router with no tokens contributes 0 (still a graph node).
     """
     num_tokens, num_experts = routing.probs_NR.shape
-    counts_R = torch.bincount(routing.experts_NK.reshape(-1), minlength=num_experts)
+    counts_R = count_of(routing.experts_NK.reshape(-1), num_experts)
     return balance_from_stats(counts_R, routing.probs_NR.sum(dim=0), num_tokens, routing.experts_NK.shape[-1])
 
 
-def balance_from_stats(counts_R: torch.Tensor, prob_sum_R: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+def balance_from_stats(counts_R: torch.Tensor, prob_sum_R: torch.Tensor, num_tokens: int | torch.Tensor,
+                       top_k: int) -> torch.Tensor:
     """The balance loss of :func:`balance_loss` from a router's statistics: top-k assignments per expert
     (``counts_R``, no gradient: f is a count), router probabilities summed over the tokens (``prob_sum_R``, carries
-    the gradient) and the number of tokens. Sums of these over data-parallel ranks give the loss of the global batch.
+    the gradient) and the number of tokens (an int, or a device tensor: nothing is read on the host). Sums of these
+    over data-parallel ranks give the loss of the global batch.
     """
-    denom = max(num_tokens, 1)
+    denom = num_tokens.clamp_min(1).float() if isinstance(num_tokens, torch.Tensor) else max(num_tokens, 1)
     f_R = counts_R.float() / (denom * top_k)
     p_R = prob_sum_R / denom
     return counts_R.shape[0] * (f_R * p_R).sum()
 
 
-def z_loss(routing: Routing) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean squared log-sum-exp of the logits; keeps logits small."""
-    if routing.logits_NR.shape[0] == 0:
-        return routing.logits_NR.sum()
-    return torch.logsumexp(routing.logits_NR, dim=-1).square().mean()
+def z_loss(routing: Routing, served_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-sum-exp of the logits over the tokens (those ``served_N`` marks, if
+    given; 0 without any); keeps logits small."""
+    lse_sq_N = torch.logsumexp(routing.logits_NR, dim=-1).square()
+    if served_N is None:
+        return lse_sq_N.sum() / max(lse_sq_N.shape[0], 1)
+    return (lse_sq_N * served_N.float()).sum() / served_N.sum().clamp_min(1).float()

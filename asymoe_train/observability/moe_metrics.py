@@ -12,14 +12,14 @@ class ExpertLoad:
 
     def __init__(self):
         self.counts: dict[tuple[int, str], torch.Tensor] = {}
-        self.stat_sums: dict[str, float] = {}
+        self.stat_sums: dict[str, torch.Tensor] = {}  # device tensors until ``metrics`` reads them
         self.stat_counts: dict[str, int] = {}
 
     def add(self, moe: dict[int, MoEOutput]) -> None:
         for layer, out in moe.items():
             for name, value in out.stats.items():
                 key = f"moe/L{layer}/{name}"
-                self.stat_sums[key] = self.stat_sums.get(key, 0.0) + value
+                self.stat_sums[key] = self.stat_sums[key] + value if key in self.stat_sums else value.detach().clone()
                 self.stat_counts[key] = self.stat_counts.get(key, 0) + 1
             for router, counts in out.expert_counts.items():
                 key = (layer, router)
@@ -28,7 +28,7 @@ class ExpertLoad:
     def metrics(self) -> dict[str, float]:
         """``moe/L{layer}/{router}/e{i}`` token share, max/mean load and dead experts per layer and router, and the
         blocks' scalar statistics (curvature, gate alpha, mean s_evd, EP share) averaged since the last call."""
-        metrics: dict[str, float] = {k: v / self.stat_counts[k] for k, v in self.stat_sums.items()}
+        metrics: dict[str, float] = {k: float(v) / self.stat_counts[k] for k, v in self.stat_sums.items()}
         self.stat_sums.clear()
         self.stat_counts.clear()
         for (layer, router), counts in sorted(self.counts.items()):

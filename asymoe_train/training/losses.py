@@ -65,7 +65,8 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
         for o in balanced:
             for name, prob_sum_R in o.router_prob_sums.items():
                 parts += [o.expert_counts[name].double(), prob_sum_R.detach().double(),
-                          prob_sum_R.new_tensor([o.router_tokens[name]], dtype=torch.float64)]
+                          torch.as_tensor(o.router_tokens[name], dtype=torch.float64,
+                                          device=prob_sum_R.device).reshape(1)]
         totals = torch.cat(parts)
         torch.distributed.all_reduce(totals)
         global_sum, num_tokens = totals[0], int(totals[1])
