@@ -296,3 +296,37 @@ def test_block_forward_and_backward_read_nothing_on_the_host(name):
     with HostReads() as reads:
         block_step(block, "loop", seed=1)
     assert any(call.endswith("tolist") for call in reads.calls)
+
+
+def test_bf16_grouped_training_tracks_fp32():
+    """A short training run of the AsyMoE block in bf16 (grouped: bf16 matmuls, fp32 maps) follows the fp32 run
+    of the per-expert reference: same loss curve within bf16 tolerance, both falling."""
+    torch.manual_seed(0)
+    block = randomised(MoEBlock(block_cfg("asymoe"), D, F, "silu"), seed=5)
+    with torch.no_grad():  # smaller weights, so the run is a gentle regression rather than a blow-up
+        for p in block.parameters():
+            p.mul_(0.3)
+    x, modality, ctx = block_inputs(2)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) * 0.1
+    curves = {}
+    for mode, dtype in (("loop", torch.float32), ("grouped", torch.bfloat16)):
+        run = copy.deepcopy(block).to(dtype)
+        set_expert_compute(run, mode)
+        run.cfg = copy.deepcopy(run.cfg)
+        run.cfg.expert_compute = mode
+        opt = torch.optim.Adam(run.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(30):
+            out = run(x.to(dtype), modality, ctx)
+            loss = (out.hidden_TD.float() - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[mode] = torch.tensor(losses)
+    ref, bf16 = curves["loop"], curves["grouped"]
+    assert ref[-1] < 0.8 * ref[0] and bf16[-1] < 0.8 * bf16[0]
+    # bf16 weights and activations: a few routing decisions flip on the way (measured: at most 3.7 % apart at one
+    # step, 1e-4 at the end)
+    assert ((bf16 - ref).abs() / ref).max() < 0.05, (ref, bf16)
+    assert abs(bf16[-1] - ref[-1]) / ref[-1] < 0.02

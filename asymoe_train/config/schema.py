@@ -126,9 +126,10 @@ class MoEConfig:
     # native: this block with dropless dispatch (local, or all-to-all under expert parallelism) | deepspeed:
     # DeepSpeed's deepspeed.moe.layer.MoE (vanilla variant only, top_k >= 2, drop_tokens=False), for comparison
     backend: str = "native"
-    # How expert pools run their per-expert matmuls: auto (one torch._grouped_mm per matmul on CUDA, with the token
-    # counts kept on the device; the per-expert loop on CPU) | grouped (the grouped kernel wherever its operands
-    # allow it) | loop (one matmul per expert, the reference). Same numbers either way, to fp32 rounding.
+    # How expert pools run their per-expert matmuls: auto (one torch._grouped_mm per matmul for bf16 on CUDA, with
+    # the token counts kept on the device; the per-expert loop otherwise) | grouped (the grouped kernel wherever its
+    # operands allow it, fp32 and CPU included) | loop (one matmul per expert, the reference). Same numbers either
+    # way, to rounding.
     expert_compute: str = "auto"
 
 

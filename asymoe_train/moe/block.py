@@ -122,10 +122,13 @@ class MoEBlock(nn.Module):
         every pool a static region (module doc)."""
         pools = list(self.pools.values())
         sizes = [pool.num_experts for pool in pools]
+        host = isinstance(counts_E, list) or not counts_on_device(x_AD, self.cfg.expert_compute)
+        if host and not isinstance(counts_E, list):
+            counts_E = counts_E.tolist()  # once per block: the pools then slice by Python ints
         if len(pools) == 1:
             return self._run_pool(pools[0], x_AD, counts_E, extra_AD)
-        if isinstance(counts_E, list) or not counts_on_device(x_AD, self.cfg.expert_compute):
-            counts = counts_E if isinstance(counts_E, list) else counts_E.tolist()
+        if host:
+            counts = counts_E
             outputs, start, first = [], 0, 0
             for pool, size in zip(pools, sizes):
                 rows = slice(start, start + sum(counts[first : first + size]))

@@ -126,11 +126,11 @@ class EvidenceExperts(nn.Module):
         """Tokens sorted by expert, ``counts_E[e]`` of them for expert e, each with its attended context
         ``prep.evidence_ETD[expert, token]``; returns outputs in the same order (rows after the last slice give
         unspecified outputs)."""
-        counts_E = as_counts(counts_E, x_ND.device)
         held = slice(self.first_expert, self.first_expert + self.num_experts)
         out_EDX = self.out_EDX[held]
         if not grouped_applies(x_ND, out_EDX, self.compute):
             return per_expert(self.expert, counts_E, x_ND, evidence_ND)
+        counts_E = as_counts(counts_E, x_ND.device)
         alpha_N1 = self.alpha_E[held][expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)]
         evidence_ND = grouped_linear(evidence_ND.to(x_ND.dtype), out_EDX, counts_E, self.compute,
                                      valid_N1=valid_rows(counts_E, x_ND.shape[0]))

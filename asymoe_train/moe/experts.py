@@ -101,9 +101,9 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
         """Tokens sorted by expert, ``counts_E[e]`` of them for expert e (rows after the last slice are ignored and
         give unspecified outputs); returns outputs in the same order."""
-        counts_E = as_counts(counts_E, x_ND.device)
         if not grouped_applies(x_ND, self.gate_EFD, self.compute):
             return per_expert(self.expert, counts_E, x_ND)
+        counts_E = as_counts(counts_E, x_ND.device)
         h_NF = self.act(grouped_linear(x_ND, self.gate_EFD, counts_E, self.compute)) * grouped_linear(
             x_ND, self.up_EFD, counts_E, self.compute)
         return grouped_linear(h_NF, self.down_EDF, counts_E, self.compute)

@@ -9,8 +9,9 @@ Two implementations of the same maths:
   tests pin the grouped path against, and the fallback where ``torch._grouped_mm`` does not apply (its operands need
   16-byte aligned rows; other dtypes).
 
-``model.moe.expert_compute`` picks one: ``auto`` (grouped on CUDA where it applies, the loop elsewhere: on CPU the loop
-is as fast and the host already holds the data), ``grouped`` (wherever it applies, e.g. to test it on CPU) or ``loop``.
+``model.moe.expert_compute`` picks one: ``auto`` (grouped for bf16 on CUDA, the CUTLASS kernel's case; the loop
+elsewhere: on CPU the loop is as fast and the host already holds the data), ``grouped`` (wherever the operands allow
+it, fp32 included, e.g. to test it on CPU) or ``loop``.
 
 Rows after the last expert's slice (``sum(counts_E) < N``: assignments of tokens no expert serves) are outside every
 group: the kernel leaves their outputs, and the gradients of their inputs, unwritten, and callers discard them
@@ -36,7 +37,7 @@ def grouped_applies(x_NI: torch.Tensor, weight_EOI: torch.Tensor, mode: str) -> 
     if mode not in COMPUTE_MODES:
         raise ValueError(f"unknown expert compute {mode!r}; expected one of {list(COMPUTE_MODES)} "
                          "(model.moe.expert_compute)")
-    if mode == "loop" or (mode == "auto" and x_NI.device.type != "cuda"):
+    if mode == "loop" or (mode == "auto" and (x_NI.device.type != "cuda" or x_NI.dtype != torch.bfloat16)):
         return False
     size = x_NI.element_size()
     return (hasattr(torch, "_grouped_mm") and x_NI.dtype in _GROUPED_DTYPES
@@ -46,7 +47,7 @@ def grouped_applies(x_NI: torch.Tensor, weight_EOI: torch.Tensor, mode: str) -> 
 def counts_on_device(x: torch.Tensor, mode: str) -> bool:
     """Whether ``mode`` keeps expert counts on the device for tensors like ``x`` (the grouped path), so callers
     must not read them on the host either."""
-    return mode == "grouped" or (mode == "auto" and x.device.type == "cuda")
+    return mode == "grouped" or (mode == "auto" and x.device.type == "cuda" and x.dtype == torch.bfloat16)
 
 
 def count_of(index_N: torch.Tensor, num_bins: int, weight_N: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ a time) is the reference the tests pin it against.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -194,9 +195,9 @@ class HyperbolicExperts(nn.Module):
         """Tokens sorted by expert, ``counts_E[e]`` of them for expert e; returns outputs in the same order (rows
         after the last slice give unspecified outputs)."""
         c = self.curvature()
-        counts_E = as_counts(counts_E, x_ND.device)
         if not grouped_applies(x_ND, self.gate_EFD, self.compute):
             return per_expert(lambda e, x: self._expert(e, x, c), counts_E, x_ND).to(x_ND.dtype)
+        counts_E = as_counts(counts_E, x_ND.device)
         expert_N = expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)
         held = slice(self.first_expert, self.first_expert + self.num_experts)
         with no_host_reads(), torch.autocast(x_ND.device.type, enabled=False):
@@ -292,9 +293,23 @@ _COMPILED: dict = {}
 
 def _fused(fn, like: torch.Tensor):
     """``fn`` compiled (dynamic shapes) on CUDA, where its element-wise chain fuses into few kernels; eager
-    elsewhere (on CPU the per-op kernels are as fast, and compiling costs seconds per shape family)."""
+    elsewhere (on CPU the per-op kernels are as fast, and compiling costs seconds per shape family). Where
+    compiling fails (no Triton or C++ compiler), it warns once and stays eager: same numbers, more kernels."""
     if like.device.type != "cuda":
         return fn
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args):
+            if _COMPILED[fn] is fn:
+                return fn(*args)
+            try:
+                return compiled(*args)
+            except Exception as exn:  # inductor/Triton build errors surface at the first call
+                warnings.warn(f"hyperbolic experts: torch.compile of {fn.__name__} failed ({type(exn).__name__}: "
+                              f"{str(exn).splitlines()[0][:200]}); running it eagerly", stacklevel=2)
+                _COMPILED[fn] = fn
+                return fn(*args)
+
+        _COMPILED[fn] = run
     return _COMPILED[fn]
