@@ -48,7 +48,8 @@ def test_bf16_block_benchmark_writes_every_row_with_its_mfu(tmp_path):
     assert set(rows) >= {"vanilla", "asymoe", moe_block.NAIVE, moe_block.DENSE}
     for name in ("vanilla", "asymoe", moe_block.NAIVE, moe_block.DENSE):
         ms, gflops_mfu = float(rows[name][4]), rows[name][7]
-        gflops, mfu = re.fullmatch(r"([\d.,]+) \(([\d.,]+) %\) \|", gflops_mfu).groups()
+        gflops, mfu = re.fullmatch(r"([\d.,]+) \(([\d.,]+) %\)", gflops_mfu).groups()
+        assert rows[name][8] == "- |"  # peak GPU memory: none on CPU
         gflops, mfu = float(gflops.replace(",", "")), float(mfu.replace(",", ""))
         assert ms > 0 and gflops > 0
         # MFU is the model FLOP/s over --peak-tflops (1 GFLOP/s here), each rounded to 0.1 in the table

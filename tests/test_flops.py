@@ -15,7 +15,8 @@ INPUTS = ("input_ids_BT", "modality_BT", "pixel_values_NCHW", "image_index_B", "
 
 def test_counted_flops_are_the_routed_experts_plus_the_routers():
     # vanilla (top-2 of 4 FFN-width experts) and dense_matched (one expert of twice the width) do the same expert
-    # FLOPs per routed token, so the counts differ by the routers alone: 2 x D x (4 - 1) per real token and MoE layer.
+    # FLOPs per routed token, so the counts differ by the routers alone: 2 x D x (4 - 1) per position and MoE layer
+    # (routers score every position, padding included, so that shapes stay static; padding never reaches an expert).
     # A count that ran every expert on every token, or the padding through the experts, would be far off.
     inputs, _ = batch()
     named = dict(zip(INPUTS, inputs, strict=True))
@@ -27,7 +28,8 @@ def test_counted_flops_are_the_routed_experts_plus_the_routers():
         per_token[variant] = train_flops_per_token(model, named)
         moe_layers, hidden = len(model.moe_blocks()), model.cfg.lm.hidden_size
     assert moe_layers == 2
-    assert counts["vanilla"] - counts["dense_matched"] == moe_layers * real_tokens * 2 * hidden * (4 - 1)
+    positions = named["modality_BT"].numel()
+    assert counts["vanilla"] - counts["dense_matched"] == moe_layers * positions * 2 * hidden * (4 - 1)
     assert per_token["vanilla"] == pytest.approx(TRAIN_FACTOR * counts["vanilla"] / real_tokens)
 
 

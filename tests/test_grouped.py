@@ -220,7 +220,6 @@ def block_inputs(seed: int = 0):
 
 def block_step(block: MoEBlock, mode: str, seed: int = 0):
     set_expert_compute(block, mode)
-    block.cfg.expert_compute = mode
     x, modality, ctx = block_inputs(seed)
     x.requires_grad_()
     out = block(x, modality, ctx)
@@ -312,8 +311,6 @@ def test_bf16_grouped_training_tracks_fp32():
     for mode, dtype in (("loop", torch.float32), ("grouped", torch.bfloat16)):
         run = copy.deepcopy(block).to(dtype)
         set_expert_compute(run, mode)
-        run.cfg = copy.deepcopy(run.cfg)
-        run.cfg.expert_compute = mode
         opt = torch.optim.Adam(run.parameters(), lr=3e-3)
         losses = []
         for _ in range(30):

@@ -67,6 +67,7 @@ class MoEBlock(nn.Module):
         self.top_k = cfg.top_k
         self.name = "moe"  # where this block sits (the model names it); dispatch errors report it
         self.dispatcher = dispatcher or LocalDispatcher()
+        self.compute = cfg.expert_compute  # the pools' too; moe.pools.set_expert_compute changes all of them
         self.ep_size = self.dispatcher.ep_size
         shard = Shard(self.dispatcher.ep_rank, self.ep_size)
         self.pools = nn.ModuleDict()
@@ -87,8 +88,7 @@ class MoEBlock(nn.Module):
                 owner, i = divmod(j, pool.num_experts)
                 slot_E[self.pool_offsets[name] + j] = owner * held + first_local + i
             first_local += pool.num_experts
-        # the padding slot (tokens no router serves) maps to itself
-        self.register_buffer("slot_E", torch.tensor([*slot_E, self.num_experts], dtype=torch.long), persistent=False)
+        self.register_buffer("slot_E", torch.tensor(slot_E, dtype=torch.long), persistent=False)
         self.routers = nn.ModuleDict()
         self.router_modalities: dict[str, list[int]] = {}
         self.router_context_pools: dict[str, list[tuple[str, int, int]]] = {}  # (pool, first col, num experts)
@@ -122,7 +122,7 @@ class MoEBlock(nn.Module):
         every pool a static region (module doc)."""
         pools = list(self.pools.values())
         sizes = [pool.num_experts for pool in pools]
-        host = isinstance(counts_E, list) or not counts_on_device(x_AD, self.cfg.expert_compute)
+        host = isinstance(counts_E, list) or not counts_on_device(x_AD, self.compute)
         if host and not isinstance(counts_E, list):
             counts_E = counts_E.tolist()  # once per block: the pools then slice by Python ints
         if len(pools) == 1:
@@ -241,7 +241,11 @@ class MoEBlock(nn.Module):
         token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
         expert_A = expert_TK.reshape(-1)
         extra_AD = self.evidence_rows(x_TD, token_A, expert_A, preps)
-        slot_A = self.slot_E[expert_A] if self.ep_size > 1 else expert_A
+        if self.ep_size > 1:  # the padding slot (tokens no router serves) stays last
+            slot_A = torch.where(expert_A < self.num_experts, self.slot_E[expert_A.clamp_max(self.num_experts - 1)],
+                                 self.num_experts)
+        else:
+            slot_A = expert_A
         out.hidden_TD = self.dispatcher(x_TD, token_A, slot_A, weight_TK.reshape(-1), self.num_experts,
                                         self.run_experts, extra_AD, where=self.name)
         has_context = any(self.router_context_pools.values())
