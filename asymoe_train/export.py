@@ -19,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_model
 
 from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.config.paths import resolve_data_path
 from asymoe_train.config.schema import ModelConfig, TrainConfig
-from asymoe_train.config.validate import resolve_data_path
 from asymoe_train.data.conversation import ConversationEncoder
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.models.vlm import VisionLanguageModel, build_model

@@ -38,8 +38,10 @@ from asymoe_train.config.derive import (
     resolve_schedule,
     steps_per_epoch,
 )
+from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.paths import CONF_DIR, resolve_data_path
 from asymoe_train.config.schema import TrainConfig
-from asymoe_train.config.validate import ConfigError, resolve_data_path, validate
+from asymoe_train.config.validate import validate
 
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}
@@ -234,7 +236,6 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from asymoe_train.cli import CONF_DIR
     from asymoe_train.config import register_configs, to_typed
 
     register_configs()

@@ -36,8 +36,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from asymoe_train.config.paths import shard_files
 from asymoe_train.config.schema import DEFAULT_CAPTION_PROMPTS, DataConfig
-from asymoe_train.config.validate import shard_files
+from asymoe_train.config.sources import source_parts
 from asymoe_train.data.conversation import (
     IGNORE,
     IMAGE_PLACEHOLDER,
@@ -47,7 +48,6 @@ from asymoe_train.data.conversation import (
     TooManyImages,
     turns,
 )
-from asymoe_train.data.sources import source_parts
 from asymoe_train.modality import PAD
 
 log = logging.getLogger(__name__)
