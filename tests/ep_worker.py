@@ -301,7 +301,7 @@ def mismatch(ep, timeout_s: int) -> dict:
 # DeepSpeed imports lazily when it builds its first engine (its Muon optimizer check compiles with torch.compile).
 WARM_IMPORTS = ("deepspeed", "deepspeed.ops", "deepspeed.runtime.engine", "deepspeed.moe.utils", "deepspeed.utils",
                 "deepspeed.runtime.zero.muon.muon_optimizer", "torch._dynamo", "torch._inductor.compile_fx",
-                "asymoe_train.models.vlm", "asymoe_train.distributed.deepspeed_moe", "asymoe_train.training.checkpoint",
+                "asymoe_train.models.vlm", "asymoe_train.distributed.deepspeed_moe", "asymoe_train.checkpoint.engine_checkpoint",
                 "asymoe_train.training.schedule", "safetensors.torch")
 
 
