@@ -36,6 +36,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from dist_helpers import group_timeout
 
 from asymoe_train.config.schema import (
     EngineConfig,
@@ -49,7 +50,6 @@ from asymoe_train.distributed.engine import init_distributed
 from asymoe_train.distributed.expert_parallel import (
     AllToAllDispatcher,
     grad_norm,
-    group_timeout,
     init_expert_parallel,
     mark_expert_parameters,
 )

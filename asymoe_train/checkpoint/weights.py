@@ -58,15 +58,6 @@ def save_weights(model: torch.nn.Module, path: str, state: dict[str, torch.Tenso
     os.replace(tmp, path)
 
 
-def save_stage_weights(model: torch.nn.Module, run_dir: str, stage: str) -> str:
-    """The consolidated weights of a finished stage, ``checkpoints/<stage>/model.safetensors``; returns the path."""
-    directory = stage_dir(run_dir, stage)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, WEIGHTS)
-    save_weights(model, path)
-    return path
-
-
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load consolidated weights strictly; under expert parallelism each rank reads only its experts' rows. (Not
     safetensors' ``load_model``: it refuses parameters that are views into one flat buffer, as ZeRO-1/2 makes them.)"""
