@@ -12,7 +12,14 @@ from dataclasses import replace
 from omegaconf import OmegaConf
 
 from asymoe_train.checkpoint.optimizer import resumes_on_any_layout
-from asymoe_train.checkpoint.store import STATE, TrainerState, complete_checkpoints, config_hash, is_complete
+from asymoe_train.checkpoint.store import (
+    MARKER,
+    STATE,
+    TrainerState,
+    complete_checkpoints,
+    config_hash,
+    is_complete,
+)
 from asymoe_train.config.derive import upcycled_after
 from asymoe_train.config.schema import EngineConfig, TrainConfig
 
@@ -146,7 +153,7 @@ def find_start(cfg: TrainConfig, config_yaml: str, world_size: int, rank: int = 
             log.info(f"resume=auto: no complete checkpoint in {cfg.run_dir}/checkpoints; starting afresh"
                      + (f" from init_from={cfg.init_from}" if cfg.init_from else ""))
     elif mode != "none":
-        if not os.path.isfile(os.path.join(mode, "COMPLETE")):
+        if not os.path.isfile(os.path.join(mode, MARKER)):
             raise FileNotFoundError(f"resume={mode}: not a complete checkpoint directory (no COMPLETE marker)")
         found, (state, path) = True, (TrainerState.load(mode), mode)
     elif rank == 0 and complete_checkpoints(cfg.run_dir):
