@@ -16,8 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from asymoe_train.config import register_configs
+from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.paths import CONF_DIR
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 COMMANDS = ("plan", "export", "generate")
 
 
@@ -25,7 +26,6 @@ COMMANDS = ("plan", "export", "generate")
 def _app(cfg: DictConfig) -> float | None:
     """Train. With ``optimized_metric`` set (``++optimized_metric=instruct.cp_test.accuracy``, as the Optuna sweep in
     conf/hparams_search/ does), rank 0 returns that result as a float for the sweeper; otherwise returns None."""
-    from asymoe_train.config.validate import ConfigError
     from asymoe_train.distributed.engine import world
     from asymoe_train.train import train
 
@@ -41,8 +41,6 @@ def _app(cfg: DictConfig) -> float | None:
 
 def check_metric(cfg: DictConfig, metric: str) -> None:
     """Fail before training when ``optimized_metric`` names no evaluation result of this run."""
-    from asymoe_train.config.validate import ConfigError
-
     stage, split, *rest = metric.split(".") + ["", ""]
     stages = [name for name, conf in cfg.curriculum.stages.items() if conf.get("eval", True)]
     if stage not in stages or split not in cfg.data.eval_sources or rest[0] not in ("accuracy", "breakdown"):

@@ -18,13 +18,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_model
 
+from asymoe_train.checkpoint.weights import WEIGHTS, load_stage_model, save_weights, stage_dir
 from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.config.paths import resolve_data_path
 from asymoe_train.config.schema import ModelConfig, TrainConfig
-from asymoe_train.config.validate import resolve_data_path
 from asymoe_train.data.conversation import ConversationEncoder
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
-from asymoe_train.training.checkpoint import WEIGHTS, load_stage_model, save_weights, stage_dir
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"

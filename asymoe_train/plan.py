@@ -30,30 +30,21 @@ import copy
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from asymoe_train.config.derive import (
     global_batch,
     image_tokens_per_image,
     resolve_schedule,
     steps_per_epoch,
 )
+from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.paths import CONF_DIR, resolve_data_path
 from asymoe_train.config.schema import TrainConfig
-from asymoe_train.config.validate import ConfigError, resolve_data_path, validate
+from asymoe_train.config.validate import validate
+from asymoe_train.training.params import ParamSplit, stage_params
 
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}
 GIB = 1024**3
-
-
-@dataclass
-class ParamSplit:
-    """Parameters of a model as one stage trains it."""
-
-    dense: int  # every parameter outside expert pools (towers, projector, attention, embeddings, routers, ...)
-    expert: int  # parameters of all expert pools, all experts
-    dense_trainable: int
-    expert_trainable: int
 
 
 @dataclass
@@ -133,8 +124,6 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     """Count parameters on the meta device, stage by stage, and derive memory and schedule. ``cfg`` has been synced
     with its backbone checkpoints, validated and resolved (:func:`plan_command` does all three)."""
     from asymoe_train.models.backbones import has_checkpoint
-    from asymoe_train.models.vlm import build_model
-    from asymoe_train.training.groups import parameter_groups, set_trainable
 
     model_cfg = copy.deepcopy(cfg.model)
     backbones = {}
@@ -148,27 +137,15 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             setattr(model_cfg.backbone, key, "")
     vocab_size = _vocab_size(cfg, bool(model_cfg.backbone.lm_path))
     engine = cfg.engine
-    with torch.device("meta"):
-        model = build_model(model_cfg, vocab_size, pad_token_id=0)
-    dense_total, _ = model.parameter_counts()
+    dense_total, described = stage_params(model_cfg, cfg.curriculum.stages, vocab_size)
     image_tokens = image_tokens_per_image(cfg.model.vision)
     plan = Plan(cfg.experiment, world_size, engine.ep_size, engine.zero_stage, engine.precision, cfg.data.max_length,
                 image_tokens, backbones, dense_total)
-    for name, stage in cfg.curriculum.stages.items():
-        if stage.upcycle:
-            with torch.device("meta"):
-                model.upcycle()
-        set_trainable(model, stage.trainable)
-        expert = [p for group, members in parameter_groups(model).items() if group.startswith("experts")
-                  for _, p in members]
-        total, activated = model.parameter_counts()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        expert_total = sum(p.numel() for p in expert)
-        expert_trainable = sum(p.numel() for p in expert if p.requires_grad)
-        params = ParamSplit(total - expert_total, expert_total, trainable - expert_trainable, expert_trainable)
+    for counted, (name, stage) in zip(described, cfg.curriculum.stages.items()):
+        params = counted.params
         batch = global_batch(stage, world_size)
         plan.stages.append(StagePlan(
-            name=name, upcycled=model.is_upcycled, total=total, activated=activated, params=params,
+            name=name, upcycled=counted.upcycled, total=counted.total, activated=counted.activated, params=params,
             memory={z: memory_per_gpu(params, world_size, engine.ep_size, z, engine.precision) for z in range(4)},
             global_batch=batch, batch_size=stage.batch_size, grad_accum=stage.grad_accum, steps=stage.steps,
             warmup_steps=stage.warmup_steps, epochs=stage.epochs, source=stage.source,
@@ -234,7 +211,6 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from asymoe_train.cli import CONF_DIR
     from asymoe_train.config import register_configs, to_typed
 
     register_configs()

@@ -33,7 +33,8 @@ def train(cfg: DictConfig) -> dict:
         OmegaConf.save(OmegaConf.structured(typed), os.path.join(typed.run_dir, "config.yaml"))
     init_distributed(typed.engine)
     typed.run_dir = shared_run_dir(typed.run_dir)  # one run directory per job: rank 0's
-    from asymoe_train.training.trainer import Preempted, Trainer
+    from asymoe_train.training.signals import Preempted
+    from asymoe_train.training.trainer import Trainer
 
     try:
         results = Trainer(typed, rank, world_size).run()

@@ -36,6 +36,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from dist_helpers import group_timeout
 
 from asymoe_train.config.schema import (
     EngineConfig,
@@ -49,7 +50,6 @@ from asymoe_train.distributed.engine import init_distributed
 from asymoe_train.distributed.expert_parallel import (
     AllToAllDispatcher,
     grad_norm,
-    group_timeout,
     init_expert_parallel,
     mark_expert_parameters,
 )
@@ -301,7 +301,7 @@ def mismatch(ep, timeout_s: int) -> dict:
 # DeepSpeed imports lazily when it builds its first engine (its Muon optimizer check compiles with torch.compile).
 WARM_IMPORTS = ("deepspeed", "deepspeed.ops", "deepspeed.runtime.engine", "deepspeed.moe.utils", "deepspeed.utils",
                 "deepspeed.runtime.zero.muon.muon_optimizer", "torch._dynamo", "torch._inductor.compile_fx",
-                "asymoe_train.models.vlm", "asymoe_train.distributed.deepspeed_moe", "asymoe_train.training.checkpoint",
+                "asymoe_train.models.vlm", "asymoe_train.distributed.deepspeed_moe", "asymoe_train.checkpoint.engine_checkpoint",
                 "asymoe_train.training.schedule", "safetensors.torch")
 
 

@@ -36,19 +36,15 @@ import torch.distributed as dist
 from ep_worker import fork_ranks, variant, warm_imports
 from safetensors.torch import load_file, save_file
 
+from asymoe_train.checkpoint.deepspeed_optim import link_optimizer_state
+from asymoe_train.checkpoint.engine_checkpoint import load_checkpoint, save_checkpoint
+from asymoe_train.checkpoint.store import TrainerState
+from asymoe_train.checkpoint.weights import expert_slices, load_weights
 from asymoe_train.config.schema import EngineConfig, LMConfig, ModelConfig, StageConfig, VisionConfig
 from asymoe_train.distributed.engine import build_engine, init_distributed
 from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, gather_experts, init_expert_parallel
 from asymoe_train.modality import IMAGE, TEXT
 from asymoe_train.models.vlm import build_model
-from asymoe_train.training.checkpoint import (
-    TrainerState,
-    expert_slices,
-    link_optimizer_state,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
 
 VOCAB, B, T, STEPS = 300, 4, 12, 6
 SAVE_AT = {"train": 3, "resume1": 4}  # step after which a phase checkpoints

@@ -16,7 +16,8 @@ from PIL import Image
 
 from asymoe_train.config.schema import DataConfig
 from asymoe_train.data.conversation import IGNORE, ConversationEncoder, MalformedSample, turns
-from asymoe_train.data.pipeline import SampleDecoder, answer_balance_weights, eval_batches, train_loader
+from asymoe_train.data.decode import SampleDecoder
+from asymoe_train.data.pipeline import answer_balance_weights, eval_batches, train_loader
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.training.losses import lm_loss_sum
@@ -309,7 +310,7 @@ def test_turn_caps_keep_at_most_n_turns_of_a_family(tmp_path, tokenizer):
 
 
 def test_dihedral_augmentation_covers_the_eight_symmetries_and_never_touches_eval(tmp_path, tokenizer):
-    from asymoe_train.data.pipeline import dihedral
+    from asymoe_train.data.decode import dihedral
 
     image = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(3, 4, 4)
     views = {tuple(dihedral(image, k).flatten().tolist()) for k in range(8)}

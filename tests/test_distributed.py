@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 from test_resume import history
 
-from asymoe_train.training.checkpoint import TrainerState, complete_checkpoints
+from asymoe_train.checkpoint.store import TrainerState, complete_checkpoints
 
 TIMEOUT = 300
 

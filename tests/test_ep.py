@@ -29,23 +29,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 from ep_worker import D, F, variant
+from optim_state import reshard_optimizer_state
 from safetensors import safe_open
 from test_config import load
 from test_distributed import run_group
 from test_train import clean_env
 
+from asymoe_train.checkpoint.optimizer import optimizer_param_names
+from asymoe_train.checkpoint.store import TrainerState, complete_checkpoints
+from asymoe_train.checkpoint.weights import load_weights, save_weights
 from asymoe_train.config.validate import ConfigError, resolve_data_path, validate
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.models.vlm import build_model
 from asymoe_train.moe.block import MoEBlock
-from asymoe_train.training.checkpoint import (
-    TrainerState,
-    complete_checkpoints,
-    load_weights,
-    optimizer_param_names,
-    reshard_optimizer_state,
-    save_weights,
-)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ep_worker.py")

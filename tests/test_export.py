@@ -14,6 +14,7 @@ from conftest import chat_tokenizer_dir
 from omegaconf import OmegaConf
 
 import asymoe_train
+from asymoe_train.checkpoint.weights import WEIGHTS, save_weights, stage_dir
 from asymoe_train.config import validate
 from asymoe_train.config.derive import image_tokens_per_image
 from asymoe_train.config.schema import (
@@ -28,13 +29,13 @@ from asymoe_train.config.schema import (
     VisionConfig,
 )
 from asymoe_train.data.conversation import ConversationEncoder
-from asymoe_train.data.pipeline import SampleDecoder, eval_batches
+from asymoe_train.data.decode import SampleDecoder
+from asymoe_train.data.pipeline import eval_batches
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.evaluation.generate import generate, prompt_batch
 from asymoe_train.evaluation.vqa import greedy_generate
 from asymoe_train.export import export
 from asymoe_train.models.vlm import build_model
-from asymoe_train.training.checkpoint import save_stage_weights
 from asymoe_train.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,12 @@ def run_config(variant: str, data_root: str, run_dir: str, tokenizer: str = "tok
     )
     validate(cfg)
     return cfg
+
+
+def save_stage_weights(model: torch.nn.Module, run_dir: str, stage: str) -> None:
+    """The consolidated weights of a finished stage where the trainer leaves them, checkpoints/<stage>."""
+    os.makedirs(stage_dir(run_dir, stage), exist_ok=True)
+    save_weights(model, os.path.join(stage_dir(run_dir, stage), WEIGHTS))
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

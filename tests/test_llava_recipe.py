@@ -24,7 +24,8 @@ from asymoe_train.config import register_configs, to_typed, validate
 from asymoe_train.config.schema import DataConfig
 from asymoe_train.config.validate import ConfigError
 from asymoe_train.data.conversation import IGNORE, ConversationEncoder
-from asymoe_train.data.pipeline import SampleDecoder, StreamSpec, train_loader
+from asymoe_train.data.decode import SampleDecoder
+from asymoe_train.data.pipeline import StreamSpec, train_loader
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, TEXT
 

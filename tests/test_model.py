@@ -169,8 +169,8 @@ def test_grounding_probe_equals_the_attention_transformers_returns():
     """The probe's per-layer image attention mass, against the attention probabilities transformers' own Llama returns
     (``output_attentions``) on the same embeddings, positions and padding; sdpa models are probed in eager mode and
     left as they were."""
+    from asymoe_train.data.batch import Batch
     from asymoe_train.data.conversation import IGNORE
-    from asymoe_train.data.pipeline import Batch
     from asymoe_train.evaluation.probe import grounding_probe
 
     cfg = tiny(MOIIE)

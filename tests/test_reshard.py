@@ -24,7 +24,8 @@ from reshard_worker import SCENARIOS
 from test_distributed import run_group
 from test_train import clean_env
 
-from asymoe_train.training.checkpoint import BY_NAME, TrainerState, resumes_on_any_layout
+from asymoe_train.checkpoint.optimizer import BY_NAME, resumes_on_any_layout
+from asymoe_train.checkpoint.store import TrainerState
 from asymoe_train.training.trainer import Trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_train import clean_env
 
-from asymoe_train.training.checkpoint import CRASH_ENV, MARKER, TrainerState, complete_checkpoints
+from asymoe_train.checkpoint.store import CRASH_ENV, MARKER, TrainerState, complete_checkpoints
 
 RUN = [
     "experiment=demo", "curriculum.stages.align.steps=4", "curriculum.stages.align.warmup_steps=1",

@@ -4,10 +4,9 @@ a stage's derived schedule into the config once it has been validated."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from asymoe_train.config.schema import DataConfig, MoEConfig, StageConfig, TrainConfig, VisionConfig
-
-MODALITIES = ("text", "image")
 
 
 def moe_layer_indices(spec: str, num_layers: int) -> list[int]:
@@ -58,6 +57,14 @@ def reachable_experts(moe: MoEConfig) -> dict[str, int]:
     """Number of experts each router can reach."""
     sizes = {pool.name: pool.num_experts for pool in moe.pools}
     return {router.name: sum(sizes.get(p, 0) for p in router.pools) for router in moe.routers}
+
+
+def upcycled_after(stages: Mapping[str, StageConfig], stage: str) -> bool:
+    """Whether the weights a stage saves are upcycled: that stage or an earlier one sets ``upcycle``."""
+    names = list(stages)
+    if stage not in names:
+        raise ValueError(f"stage {stage!r} is not in curriculum.stages {names}")
+    return any(s.upcycle for s in list(stages.values())[: names.index(stage) + 1])
 
 
 def stage_grad_accum(stage: StageConfig, world_size: int) -> int:

@@ -3,6 +3,10 @@
 Every YAML under ``conf/`` is merged onto these schemas, so a misspelt key or a value of the wrong type fails at
 compose time, naming the key. Fields are documented where they are declared. Cross-field rules (divisibility,
 references between groups, files on disk) live in :mod:`asymoe_train.config.validate`.
+
+String-valued choices are ``str`` fields whose allowed values are defined once in :mod:`asymoe_train.config.names`
+and checked by ``validate``: OmegaConf 2.3 rejects ``Literal`` annotations, and an ``Enum`` field would fail at
+compose time without the dotted key and fix that ``validate`` reports.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class PoolConfig:
     """A pool of experts of one type inside every MoE slot."""
 
     name: str = MISSING
-    expert: str = "ffn"  # expert type; see asymoe_train.moe.pools.EXPERT_TYPES
+    expert: str = "ffn"  # expert type: one of asymoe_train.config.names.EXPERT_TYPES
     num_experts: int = MISSING
     width: int = 1  # hidden width of each expert in multiples of the dense FFN's (ffn experts only); upcycling a
     # wider expert duplicates the FFN's hidden units and halves their output weights, so it still equals the FFN
@@ -126,7 +130,7 @@ class MoEConfig:
     # native: this block with dropless dispatch (local, or all-to-all under expert parallelism) | deepspeed:
     # DeepSpeed's deepspeed.moe.layer.MoE (vanilla variant only, top_k >= 2, drop_tokens=False), for comparison
     backend: str = "native"
-    # How expert pools run their per-expert matmuls: auto (one torch._grouped_mm per matmul for bf16 on CUDA, with
+    # How expert pools run their per-expert matmuls (config.names.EXPERT_COMPUTE_MODES): auto (one torch._grouped_mm per matmul for bf16 on CUDA, with
     # the token counts kept on the device; the per-expert loop otherwise) | grouped (the grouped kernel wherever its
     # operands allow it, fp32 and CPU included) | loop (one matmul per expert, the reference). Same numbers either
     # way, to rounding.
@@ -255,7 +259,7 @@ class StageConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # when > 0 it sets warmup_steps = ceil(warmup_ratio * steps)
     weight_decay: float = 0.0
-    trainable: list[str] = field(default_factory=list)  # groups: see asymoe_train.training.groups.GROUPS
+    trainable: list[str] = field(default_factory=list)  # groups: asymoe_train.config.names.TRAINABLE_GROUPS
     upcycle: bool = False  # turn FFN slots into MoE blocks (sparse upcycling) at the start of this stage
     losses: LossConfig = field(default_factory=LossConfig)
     eval: bool = True  # evaluate at the end of the stage

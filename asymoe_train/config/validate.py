@@ -5,27 +5,40 @@ Every rule raises ``ValueError`` naming the dotted key, the offending value and 
 
 from __future__ import annotations
 
-import glob
 import os
 
 from asymoe_train.config.derive import (
-    MODALITIES,
     evidence_layer_indices,
     moe_layer_indices,
     reachable_experts,
     stage_steps,
     stage_warmup,
 )
-from asymoe_train.config.schema import DataConfig, TrainConfig
+from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.names import (
+    ATTN_IMPLEMENTATIONS,
+    AUGMENTATIONS,
+    CONE_PARENTS,
+    EVIDENCE_LOSS_KINDS,
+    EXPERT_COMPUTE_MODES,
+    EXPERT_TYPES,
+    HYPERBOLIC_GEOMETRIES,
+    IMAGE_PLACEHOLDER,
+    LM_TYPES,
+    LOGGER_MODES,
+    MODALITIES,
+    MOE_BACKENDS,
+    PRECISIONS,
+    TEMPLATES,
+    TRAINABLE_GROUPS,
+    VISION_TYPES,
+    ZERO_STAGES,
+)
+from asymoe_train.config.paths import resolve_data_path, shard_files
+from asymoe_train.config.schema import TrainConfig
+from asymoe_train.config.sources import source_parts
 
-VISION_TYPES = ("siglip", "clip")
-LM_TYPES = ("llama", "qwen2", "mistral", "phi3")
-PRECISIONS = ("fp32", "bf16")
-LOGGER_MODES = ("offline", "online", "disabled")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported as one line naming the key and the fix."""
+__all__ = ["ConfigError", "resolve_data_path", "shard_files", "validate"]
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
@@ -36,16 +49,6 @@ def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
-
-
-def resolve_data_path(data: DataConfig, path: str) -> str:
-    """A path of the data config: absolute as given, else relative to ``data.root``."""
-    return path if os.path.isabs(path) else os.path.join(data.root, path)
-
-
-def shard_files(data: DataConfig, pattern: str) -> list[str]:
-    """Sorted shard files matched by a glob relative to ``data.root``."""
-    return sorted(glob.glob(resolve_data_path(data, pattern)))
 
 
 def _validate_backbone_paths(cfg: TrainConfig) -> None:
@@ -67,7 +70,7 @@ def _validate_model(cfg: TrainConfig) -> None:
     vision, lm, moe = cfg.model.vision, cfg.model.lm, cfg.model.moe
     _choice("model.vision.type", vision.type, VISION_TYPES)
     _choice("model.lm.type", lm.type, LM_TYPES)
-    _choice("model.lm.attn_implementation", lm.attn_implementation, ("sdpa", "eager"))
+    _choice("model.lm.attn_implementation", lm.attn_implementation, ATTN_IMPLEMENTATIONS)
     for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "merge"):
         _positive(f"model.vision.{key}", getattr(vision, key))
     if vision.image_size < vision.patch_size:
@@ -103,8 +106,8 @@ def _validate_model(cfg: TrainConfig) -> None:
         moe_layer_indices(moe.layers, lm.num_layers)
     except ValueError as exn:
         raise ConfigError(str(exn)) from None
-    _choice("model.moe.backend", moe.backend, ("native", "deepspeed"))
-    _choice("model.moe.expert_compute", moe.expert_compute, ("auto", "grouped", "loop"))
+    _choice("model.moe.backend", moe.backend, MOE_BACKENDS)
+    _choice("model.moe.expert_compute", moe.expert_compute, EXPERT_COMPUTE_MODES)
     if not moe.pools:
         if moe.routers:
             raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
@@ -113,10 +116,8 @@ def _validate_model(cfg: TrainConfig) -> None:
     pool_names = [p.name for p in moe.pools]
     if len(set(pool_names)) != len(pool_names):
         raise ConfigError(f"model.moe.pools has duplicate names {pool_names}")
-    from asymoe_train.moe.pools import EXPERT_TYPES
-
     for i, pool in enumerate(moe.pools):
-        _choice(f"model.moe.pools.{i}.expert", pool.expert, sorted(EXPERT_TYPES))
+        _choice(f"model.moe.pools.{i}.expert", pool.expert, EXPERT_TYPES)
         _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
         _positive(f"model.moe.pools.{i}.width", pool.width)
         if pool.width != 1 and pool.expert != "ffn":
@@ -151,8 +152,8 @@ def _validate_model(cfg: TrainConfig) -> None:
     kinds = {p.expert for p in moe.pools}
     if "hyperbolic" in kinds:
         hyp = moe.hyperbolic
-        _choice("model.moe.hyperbolic.geometry", hyp.geometry, ("lorentz", "poincare"))
-        _choice("model.moe.hyperbolic.cone_parent", hyp.cone_parent, ("vision", "text"))
+        _choice("model.moe.hyperbolic.geometry", hyp.geometry, HYPERBOLIC_GEOMETRIES)
+        _choice("model.moe.hyperbolic.cone_parent", hyp.cone_parent, CONE_PARENTS)
         if not 0 < hyp.curvature_min <= hyp.curvature_init <= hyp.curvature_max:
             raise ConfigError(
                 "model.moe.hyperbolic: need 0 < curvature_min <= curvature_init <= curvature_max, got "
@@ -160,7 +161,7 @@ def _validate_model(cfg: TrainConfig) -> None:
             )
     if "evidence" in kinds:
         ev = moe.evidence
-        _choice("model.moe.evidence.loss_kind", ev.loss_kind, ("routing", "counterfactual"))
+        _choice("model.moe.evidence.loss_kind", ev.loss_kind, EVIDENCE_LOSS_KINDS)
         _positive("model.moe.evidence.counterfactual_every", ev.counterfactual_every)
         if lm.hidden_size % ev.num_heads:
             raise ConfigError(
@@ -201,17 +202,14 @@ def _validate_model(cfg: TrainConfig) -> None:
 
 def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
-    from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, TEMPLATE_CHOICES
-    from asymoe_train.data.sources import source_parts
-
-    _choice("data.template", data.template, TEMPLATE_CHOICES)
+    _choice("data.template", data.template, TEMPLATES)
     parts = {name: source_parts(f"data.sources.{name}", value) for name, value in data.sources.items()}
     for n, prompt in enumerate(data.caption_prompts):
         if not isinstance(prompt, str) or not prompt.strip() or IMAGE_PLACEHOLDER in prompt:
             raise ConfigError(f"data.caption_prompts.{n}={prompt!r} must be non-empty text without "
                               f"{IMAGE_PLACEHOLDER} (the placeholder is put in front of it)")
     _positive("data.max_length", data.max_length)
-    _choice("data.augment", data.augment, ("none", "dihedral"))
+    _choice("data.augment", data.augment, AUGMENTATIONS)
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers={data.num_workers} must be >= 0")
     readers = world_size * max(1, data.num_workers)
@@ -254,8 +252,6 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
 
 
 def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
-    from asymoe_train.training.groups import GROUPS
-
     stages = cfg.curriculum.stages
     if not stages:
         raise ConfigError("curriculum.stages is empty; pick a curriculum, e.g. curriculum=two_stage")
@@ -297,8 +293,9 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
         if not stage.trainable:
             raise ConfigError(f"{key}.trainable is empty; name the groups to train, e.g. [projector]")
         for group in stage.trainable:
-            if group.split(".")[0] not in GROUPS:
-                raise ConfigError(f"{key}.trainable: unknown group {group!r}; expected one of {sorted(GROUPS)}")
+            if group.split(".")[0] not in TRAINABLE_GROUPS:
+                raise ConfigError(f"{key}.trainable: unknown group {group!r}; expected one of "
+                                  f"{sorted(TRAINABLE_GROUPS)}")
 
 
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
@@ -309,7 +306,7 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
             "MoE parameters with ZeRO-3; use engine.zero_stage=2 (or 1, 0) with expert parallelism, or "
             "engine.ep_size=1"
         )
-    if engine.zero_stage not in (0, 1, 2):
+    if engine.zero_stage not in ZERO_STAGES:
         raise ConfigError(
             f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
             "(ZeRO-3 with MoE experts is not supported)"

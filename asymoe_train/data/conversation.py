@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asymoe_train.config.names import IMAGE_PLACEHOLDER, NAMED_TEMPLATES
+from asymoe_train.config.names import TEMPLATES as TEMPLATE_CHOICES
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, TEXT
 
 IGNORE = -100
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,7 @@ class Template:
 TEMPLATES = {
     "plain": Template(user="USER: ", assistant="\nASSISTANT: "),
 }
-# data.template values: the tokenizer's chat template if it has one (auto) or always (chat), or a named template
-TEMPLATE_CHOICES = ("auto", "chat", *TEMPLATES)
+assert tuple(TEMPLATES) == NAMED_TEMPLATES, "asymoe_train.config.names.NAMED_TEMPLATES lists the templates"
 
 
 @dataclass

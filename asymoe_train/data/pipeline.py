@@ -1,26 +1,14 @@
 """webdataset pipelines: resampled, rank-balanced training streams and ordered evaluation streams.
 
-Two shard layouts are read, sample by sample:
-- conversations: ``key.png|jpg|jpeg|webp`` (optional: text-only samples have none) + ``key.json`` holding LLaVA
-  ``conversations`` (what data_recipes/ write);
-- captions, the img2dataset layout: ``key.jpg`` + ``key.txt`` (the caption) + ``key.json`` (metadata without
-  ``conversations``; a ``caption`` field there is used when there is no ``.txt``). A caption sample becomes the
-  one-turn conversation ``<image>\n<prompt>`` -> caption, the prompt drawn from ``data.caption_prompts``.
-
-With ``split_turns`` every QA turn becomes its own single-turn sequence and the turns of one image share its encoding
-(the tower runs once per image); without it a multi-turn conversation is one sequence with every answer supervised.
-The model takes one image per sample: a sample with more image files or more ``<image>`` placeholders is skipped as
-``too_many_images``; an image whose conversation has no placeholder gets one in front of its first question (as
-LLaVA does). Unreadable or malformed samples are skipped and counted by reason; the counts travel with each batch so
-the trainer can report them and stop when they exceed ``data.max_bad_fraction``.
-
-# B sequences, T positions, N images
+A training source is a set of logical streams (:class:`StreamSpec`), each a seeded sequence of shard draws whose
+position (draw, samples taken) is independent of the rank or worker that reads it; ranks x DataLoader workers share
+the streams out. Samples become sequences in :mod:`asymoe_train.data.decode`, sequences batches in
+:mod:`asymoe_train.data.batch`; the skipped-sample counts travel with each batch.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import itertools
 import json
 import logging
@@ -28,307 +16,19 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from asymoe_train.config.schema import DEFAULT_CAPTION_PROMPTS, DataConfig
-from asymoe_train.config.validate import shard_files
-from asymoe_train.data.conversation import (
-    IGNORE,
-    IMAGE_PLACEHOLDER,
-    ConversationEncoder,
-    Encoded,
-    MalformedSample,
-    TooManyImages,
-    turns,
-)
-from asymoe_train.data.sources import source_parts
-from asymoe_train.modality import PAD
+from asymoe_train.config.paths import shard_files
+from asymoe_train.config.schema import DataConfig
+from asymoe_train.config.sources import source_parts
+from asymoe_train.data.batch import Batch
+from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, turns
+from asymoe_train.data.decode import SampleDecoder, turn_meta
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-MAX_IMAGES_PER_SAMPLE = 1  # the model encodes one image per sequence
-
-
-@dataclass
-class Sequence:
-    """One encoded sequence, the row of its image in the batch's images (-1: none), and per-turn metadata."""
-
-    encoded: Encoded
-    image_row: int
-    answer: str = ""
-    meta: dict = field(default_factory=dict)
-    weight: float = 1.0  # loss weight of its answer tokens (``data.answer_balance``)
-
-
-@dataclass
-class Batch:
-    """A collated batch. ``skipped`` counts samples dropped since the previous batch, by reason."""
-
-    input_ids_BT: torch.Tensor
-    labels_BT: torch.Tensor
-    modality_BT: torch.Tensor
-    pixel_values_NCHW: torch.Tensor
-    image_index_B: torch.Tensor
-    context_BT: torch.Tensor  # evidence tokens: image and prompt positions (not answers, not padding)
-    num_samples: int
-    skipped: dict[str, int] = field(default_factory=dict)
-    answers: list[str] = field(default_factory=list)
-    meta: list[dict] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)  # shard sample keys, one per sample
-    positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # training streams after this batch
-    weight_B: torch.Tensor | None = None  # per-sequence loss weights (``data.answer_balance``); None = all 1
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids_BT": self.input_ids_BT,
-            "modality_BT": self.modality_BT,
-            "pixel_values_NCHW": self.pixel_values_NCHW,
-            "image_index_B": self.image_index_B,
-            "context_BT": self.context_BT,
-        }
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT"):
-            setattr(self, name, getattr(self, name).to(device))
-        if self.weight_B is not None:
-            self.weight_B = self.weight_B.to(device)
-        self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
-        return self
-
-
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode, convert to RGB, resize to ``size`` and normalise to [-1, 1] (SigLIP/CLIP-style mean 0.5, std 0.5)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
-        array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).sub_(0.5).div_(0.5)
-
-
-def dihedral(image_CHW: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 symmetries of the square (k in 0..7): k % 4 quarter turns, then a mirror if k >= 4."""
-    image_CHW = torch.rot90(image_CHW, k % 4, dims=(1, 2))
-    return image_CHW.flip(2) if k >= 4 else image_CHW
-
-
-class SampleDecoder:
-    """Turns raw shard samples into sequences; counts what it skips."""
-
-    def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool,
-                 turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0,
-                 augment: str = "none", caption_prompts: SequenceOf[str] | None = None):
-        self.encoder = encoder
-        self.image_size = image_size
-        self.max_length = max_length
-        self.split_turns = split_turns
-        self.turn_caps = dict(turn_caps or {})
-        self.turn_cap_field = turn_cap_field
-        self.seed = seed
-        self.augment = augment
-        # None: ``data.caption_prompts`` of the loader that reads through this decoder (see ``use_data_config``)
-        self.caption_prompts = tuple(caption_prompts) if caption_prompts is not None else None
-        self._rng: random.Random | None = None
-        self.skipped: Counter[str] = Counter()
-        # (turn metadata value, answer) -> loss weight, from :func:`answer_balance_weights`; set per training stage
-        self.answer_weights: dict[tuple[str, str], float] = {}
-        self.answer_field = ""
-
-    @property
-    def rng(self) -> random.Random:
-        """Draws of the sample being decoded (turn caps, augmentation): seeded by the sample's stream position when
-        it has one, so a resumed stream decodes exactly as the uninterrupted one; else per worker."""
-        if self._rng is None:
-            info = torch.utils.data.get_worker_info()
-            self._rng = random.Random(self.seed * 1000 + (info.id if info is not None else 0))
-        return self._rng
-
-    def seed_sample(self, sample: dict) -> None:
-        if "__stream__" in sample:
-            stream, (draw, taken, _) = sample["__stream__"]
-            self._rng = random.Random(f"{self.seed}:{stream}:{draw}:{taken}")
-
-    def cap_turns(self, groups: list) -> list:
-        """Keep at most ``turn_caps[value]`` randomly chosen single-turn groups per capped metadata value."""
-        by_value: dict[str, list[int]] = {}
-        for n, (_, meta) in enumerate(groups):
-            value = meta[-1].get(self.turn_cap_field)
-            if value in self.turn_caps:
-                by_value.setdefault(value, []).append(n)
-        dropped: set[int] = set()
-        for value, indices in by_value.items():
-            if len(indices) > self.turn_caps[value]:
-                keep = set(self.rng.sample(indices, self.turn_caps[value]))
-                dropped |= set(indices) - keep
-        return [g for n, g in enumerate(groups) if n not in dropped]
-
-    def take_skipped(self) -> dict[str, int]:
-        skipped, self.skipped = dict(self.skipped), Counter()
-        return skipped
-
-    def on_read_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable tar members: count, warn, continue."""
-        self.skipped["unreadable_shard"] += 1
-        log.warning("skipping unreadable shard data: %s", exn)
-        return True
-
-    def use_data_config(self, data: DataConfig) -> None:
-        """Take the caption prompts from ``data`` unless the decoder was given its own."""
-        if self.caption_prompts is None:
-            self.caption_prompts = tuple(data.caption_prompts)
-
-    def conversation(self, sample: dict) -> tuple[dict, list[tuple[str, str]]]:
-        """The sample's record (its json, or {}) and (question, answer) turns: the json's ``conversations``, else
-        the caption (``.txt``, or the json's ``caption``) behind a prompt from ``caption_prompts``."""
-        try:
-            record = json.loads(sample["json"]) if "json" in sample else {}
-            if not isinstance(record, dict):
-                raise TypeError(f"json holds a {type(record).__name__}, not an object")
-            if "conversations" in record:
-                return record, turns(record["conversations"])
-            caption = sample["txt"].decode("utf-8") if "txt" in sample else record.get("caption")
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exn:
-            raise MalformedSample(f"bad json: {exn}") from exn
-        if not isinstance(caption, str) or not caption.strip():
-            raise MalformedSample("no conversations and no caption (.txt or json caption)")
-        prompts = self.caption_prompts if self.caption_prompts is not None else DEFAULT_CAPTION_PROMPTS
-        if not prompts:
-            raise MalformedSample("a caption sample, but data.caption_prompts is empty")
-        return record, [(f"{IMAGE_PLACEHOLDER}\n{self.rng.choice(prompts)}", caption.strip())]
-
-    def decode(self, sample: dict, prompt_only: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Image tensor (or None) and the sample's sequences; raises MalformedSample or returns no sequences."""
-        self.seed_sample(sample)
-        record, pairs = self.conversation(sample)
-        image_keys = [key for key in sample if key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs)
-        if len(image_keys) > MAX_IMAGES_PER_SAMPLE or placeholders > MAX_IMAGES_PER_SAMPLE:
-            raise TooManyImages(f"{len(image_keys)} image files and {placeholders} {IMAGE_PLACEHOLDER} placeholders; "
-                                f"the model takes {MAX_IMAGES_PER_SAMPLE}")
-        if any(IMAGE_PLACEHOLDER in a for _, a in pairs):
-            raise MalformedSample(f"an answer holds {IMAGE_PLACEHOLDER}")
-        image = None
-        if image_keys:
-            try:
-                image = load_image(sample[image_keys[0]], self.image_size)
-                if self.augment == "dihedral" and not prompt_only:
-                    image = dihedral(image, self.rng.randrange(8))
-            except Exception as exn:  # PIL raises many types for corrupt files
-                raise MalformedSample(f"unreadable image: {exn}") from exn
-            if not placeholders:  # the image goes before the first question, as LLaVA places it
-                pairs[0] = (f"{IMAGE_PLACEHOLDER}\n{pairs[0][0]}", pairs[0][1])
-        elif placeholders:
-            raise MalformedSample("conversation has <image> but the sample has no image file")
-        metas = _turn_meta(record, len(pairs))
-        if self.split_turns or prompt_only:
-            groups = [([(_with_image(q, image is not None), a)], [metas[n]]) for n, (q, a) in enumerate(pairs)]
-        else:
-            groups = [(pairs, metas)]
-        if self.turn_caps and self.split_turns and not prompt_only:
-            groups = self.cap_turns(groups)
-        sequences = []
-        for group, meta in groups:
-            encoded = self.encoder.encode(group, with_last_answer=not prompt_only)
-            if len(encoded.input_ids) > self.max_length:
-                self.skipped["too_long"] += 1
-                continue
-            answer = group[-1][1].strip()
-            weight = 1.0
-            if self.answer_weights and not prompt_only:
-                weight = self.answer_weights.get((str(meta[-1].get(self.answer_field)), answer), 1.0)
-            sequences.append(Sequence(encoded, 0 if image is not None else -1, answer, meta[-1], weight))
-        return image, sequences
-
-    def batches(self, samples: Iterator[dict], images_per_batch: int, seqs_per_batch: int, prompt_only: bool,
-                max_sequences: int = 0) -> Iterator[Batch]:
-        """Group decoded samples into batches of ``images_per_batch`` samples (or ``seqs_per_batch`` sequences)."""
-        images: list[torch.Tensor] = []
-        sequences: list[Sequence] = []
-        keys: list[str] = []
-        num_samples = 0
-        emitted = 0
-        for sample in samples:
-            try:
-                image, seqs = self.decode(sample, prompt_only)
-            except MalformedSample as exn:
-                self.skipped[exn.reason] += 1
-                log.warning("skipping sample %s: %s", sample.get("__key__"), exn)
-                continue
-            if max_sequences:
-                seqs = seqs[: max_sequences - emitted - len(sequences)]
-            if not seqs:
-                continue
-            if image is not None:
-                for seq in seqs:
-                    seq.image_row = len(images)
-                images.append(image)
-            sequences.extend(seqs)
-            keys.append(str(sample.get("__key__")))
-            num_samples += 1
-            full = num_samples >= images_per_batch if images_per_batch else len(sequences) >= seqs_per_batch
-            done = max_sequences and emitted + len(sequences) >= max_sequences
-            if full or done:
-                yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                              left_pad=prompt_only, keys=keys)
-                emitted += len(sequences)
-                images, sequences, keys, num_samples = [], [], [], 0
-                if done:
-                    return
-        if sequences:
-            yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                          left_pad=prompt_only, keys=keys)
-
-
-def _with_image(question: str, has_image: bool) -> str:
-    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-    return f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
-
-
-def _turn_meta(record: dict, num_turns: int) -> list[dict]:
-    """Per-turn metadata from list-valued fields aligned with turns (e.g. qtype, family, answer)."""
-    metas: list[dict] = [{} for _ in range(num_turns)]
-    for key, value in record.items():
-        if key != "conversations" and isinstance(value, list) and len(value) == num_turns:
-            for meta, item in zip(metas, value):
-                meta[key] = item
-    return metas
-
-
-def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: int, skipped: dict[str, int],
-            pad_id: int, left_pad: bool = False, keys: list[str] | None = None) -> Batch:
-    """Pad sequences to a common length (left for generation prompts, right for training)."""
-    length = max(len(s.encoded.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), IGNORE, dtype=torch.long)
-    modality = torch.full((len(sequences), length), PAD, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        n = len(seq.encoded.input_ids)
-        cols = slice(length - n, length) if left_pad else slice(0, n)
-        input_ids[row, cols] = torch.tensor(seq.encoded.input_ids)
-        labels[row, cols] = torch.tensor(seq.encoded.labels)
-        modality[row, cols] = torch.tensor(seq.encoded.modality)
-    pixels = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
-    return Batch(
-        input_ids_BT=input_ids,
-        labels_BT=labels,
-        modality_BT=modality,
-        pixel_values_NCHW=pixels,
-        image_index_B=torch.tensor([s.image_row for s in sequences], dtype=torch.long),
-        context_BT=(labels == IGNORE) & (modality != PAD),
-        num_samples=num_samples,
-        skipped=skipped,
-        answers=[s.answer for s in sequences],
-        meta=[s.meta for s in sequences],
-        keys=list(keys or []),
-        weight_B=(torch.tensor([s.weight for s in sequences], dtype=torch.float32)
-                  if any(s.weight != 1.0 for s in sequences) else None),
-    )
 
 
 def qa_turns(urls: Iterable[str]) -> Iterator[tuple[str, str, dict]]:
@@ -341,7 +41,7 @@ def qa_turns(urls: Iterable[str]) -> Iterator[tuple[str, str, dict]]:
                     continue
                 record = json.load(tar.extractfile(member))
                 pairs = turns(record.get("conversations", []))
-                for meta, (question, answer) in zip(_turn_meta(record, len(pairs)), pairs, strict=True):
+                for meta, (question, answer) in zip(turn_meta(record, len(pairs)), pairs, strict=True):
                     yield question.replace(IMAGE_PLACEHOLDER, "").strip(), answer, meta
 
 

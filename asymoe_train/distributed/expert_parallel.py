@@ -81,12 +81,6 @@ def init_expert_parallel(engine: EngineConfig) -> ExpertParallel | None:
     return ExpertParallel(engine.ep_size, dist.get_rank(group), dist.get_rank(data_group), name, group, data_group)
 
 
-def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta:
-    """The collective timeout of a process group (its CPU backend's, else its GPU backend's)."""
-    device = torch.device("cpu") if torch.device("cpu") in group._device_types else torch.device("cuda")
-    return group._get_backend(device).options._timeout
-
-
 def mark_expert_parameters(params: Iterable[torch.nn.Parameter], ep: ExpertParallel) -> None:
     """Tag parameters the way DeepSpeed recognises MoE parameters (``allreduce=False`` and their group's name):
     DeepSpeed then broadcasts them and reduces their gradients over the expert-data-parallel group only, and

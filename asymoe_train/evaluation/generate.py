@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.data.batch import Batch, collate
 from asymoe_train.data.conversation import ConversationEncoder, MalformedSample
-from asymoe_train.data.pipeline import Batch, SampleDecoder, collate
+from asymoe_train.data.decode import SampleDecoder
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.evaluation.vqa import greedy_generate
 from asymoe_train.export import ExportConfig

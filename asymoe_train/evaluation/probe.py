@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+from asymoe_train.data.batch import Batch
 from asymoe_train.data.conversation import IGNORE
-from asymoe_train.data.pipeline import Batch
 from asymoe_train.modality import IMAGE
 
 

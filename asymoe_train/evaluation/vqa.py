@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from asymoe_train.data.pipeline import Batch
+from asymoe_train.data.batch import Batch
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import TEXT
 

@@ -26,11 +26,13 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.names import LM_TYPES, VISION_TYPES
 from asymoe_train.config.schema import LMConfig, ModelConfig, VisionConfig
-from asymoe_train.config.validate import ConfigError
 
 VISION_MODELS = {"siglip": (SiglipVisionConfig, SiglipVisionModel), "clip": (CLIPVisionConfig, CLIPVisionModel)}
 LM_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}
+assert tuple(VISION_MODELS) == VISION_TYPES and tuple(LM_CONFIGS) == LM_TYPES, "asymoe_train.config.names lists them"
 # model_type of a checkpoint's config.json -> model.vision.type; full (text + vision) checkpoints such as
 # google/siglip-so400m-patch14-384 or openai/clip-vit-large-patch14-336 load their vision half
 VISION_MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "clip": "clip", "clip_vision_model": "clip"}

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-COMPUTE_MODES = ("auto", "grouped", "loop")
+from asymoe_train.config.names import EXPERT_COMPUTE_MODES as COMPUTE_MODES
+
 # dtypes torch._grouped_mm takes (fp32 on CUDA through its fallback kernel; fp16 only where CUTLASS has it)
 _GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from asymoe_train.config.names import HYPERBOLIC_GEOMETRIES
 from asymoe_train.moe.experts import WHOLE, Shard, copy_mlp
 from asymoe_train.moe.grouped import (
     as_counts,
@@ -73,7 +74,6 @@ from asymoe_train.moe.hyperbolic import (
     poincare_project,
 )
 
-GEOMETRIES = ("lorentz", "poincare")
 # Parameter names of each layer: (space weight, bias, Lorentz time column).
 LAYERS = {
     "gate": ("gate_EFD", "gate_bias_EF", "gate_time_EF"),
@@ -111,8 +111,8 @@ class HyperbolicExperts(nn.Module):
         shard: Shard = WHOLE,
     ):
         super().__init__()
-        if geometry not in GEOMETRIES:
-            raise ValueError(f"unknown geometry '{geometry}'; expected one of {sorted(GEOMETRIES)}")
+        if geometry not in HYPERBOLIC_GEOMETRIES:
+            raise ValueError(f"unknown geometry '{geometry}'; expected one of {list(HYPERBOLIC_GEOMETRIES)}")
         if not init_scale > 0:
             raise ValueError(f"init_scale={init_scale} must be > 0 (it is the tangent norm of a unit-RMS token)")
         self.num_global_experts = num_experts

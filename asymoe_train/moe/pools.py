@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from asymoe_train.config.names import EXPERT_TYPES as EXPERT_TYPE_NAMES
 from asymoe_train.moe.evidence import EvidenceExperts
 from asymoe_train.moe.experts import WHOLE, Shard, SwiGLUExperts
 from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
@@ -31,6 +32,7 @@ def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shar
 # Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert): builders from
 # (pool config, MoE config, hidden size, FFN size, activation, shard).
 EXPERT_TYPES = {"ffn": _ffn, "evidence": _evidence, "hyperbolic": _hyperbolic}
+assert tuple(EXPERT_TYPES) == EXPERT_TYPE_NAMES, "config.names.EXPERT_TYPES and this registry must list the same types"
 
 
 def build_pool(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard = WHOLE) -> nn.Module:

@@ -7,18 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from asymoe_train.config.names import TRAINABLE_GROUPS as GROUPS
 from asymoe_train.moe.block import MoEBlock
 
-GROUPS = {
-    "vision": "the vision tower",
-    "projector": "the vision-to-LM projector",
-    "embeddings": "token embeddings and the LM head",
-    "attention": "self-attention of every decoder layer",
-    "norms": "RMSNorms of the decoder",
-    "mlp": "dense FFNs (all FFN slots before upcycling, non-MoE layers after)",
-    "experts": "MoE experts (experts.<pool> for one pool)",
-    "routers": "MoE routers",
-}
+__all__ = ["GROUPS", "parameter_groups", "set_trainable"]
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

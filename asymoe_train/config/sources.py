@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asymoe_train.config.validate import ConfigError
+from asymoe_train.config.errors import ConfigError
 
 COMPONENT_KEYS = ("glob", "weight")
 

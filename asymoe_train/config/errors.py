@@ -1,0 +1,5 @@
+"""The error every config check raises."""
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line naming the key and the fix."""

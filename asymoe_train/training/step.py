@@ -1,0 +1,60 @@
+"""One training step on a micro-batch: forward, losses, backward and the engine's step."""
+
+from __future__ import annotations
+
+import torch
+
+from asymoe_train.config.schema import EngineConfig, EvidenceConfig, LossConfig
+from asymoe_train.data.batch import Batch
+from asymoe_train.distributed.expert_parallel import grad_norm
+from asymoe_train.observability.moe_metrics import ExpertLoad
+from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
+
+AUX_LOSSES = ("balance", "z", "order", "evd")
+
+
+class TrainStep:
+    """``train_step(batch) -> metrics``: forward, losses, backward and ``engine.step()`` (an optimizer step at the
+    end of each gradient-accumulation window) on a batch already on the engine's device. Routing statistics
+    accumulate in :attr:`load` until the caller reads them.
+
+    ``losses`` are the stage's weights: a zero-weight auxiliary term is not computed at all. The counterfactual
+    evidence loss (``model.moe.evidence.loss_kind=counterfactual``) runs a second, image-blind forward every
+    ``counterfactual_every`` optimizer steps (``step`` is the optimizer step the micro-batch belongs to)."""
+
+    def __init__(self, engine, model, losses: LossConfig, evidence: EvidenceConfig, engine_cfg: EngineConfig,
+                 world_size: int = 1, expert_parallel=None):
+        self.engine, self.losses, self.world_size = engine, losses, world_size
+        self.expert_parallel, self.zero_stage = expert_parallel, engine_cfg.zero_stage
+        active = {name for name in AUX_LOSSES if getattr(losses, name)}
+        for block in model.moe_blocks().values():
+            block.active_losses = active
+        counterfactual = "evd" in active and evidence.loss_kind == "counterfactual" and model.has_evidence_experts
+        self.counterfactual_every = evidence.counterfactual_every if counterfactual else 0
+        self.margin = evidence.counterfactual_margin
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.load = ExpertLoad()
+
+    def __call__(self, batch: Batch, step: int = 0, measure_grad_norm: bool = False) -> dict[str, float]:
+        """Train on ``batch``; ``measure_grad_norm`` on the last micro-batch of a step adds ``grad_norm`` (when the
+        engine reports one) to the metrics."""
+        engine = self.engine
+        out = engine(**batch.model_inputs())
+        loss, metrics = total_loss(out, batch.labels_BT, self.losses, self.world_size, batch.weight_B)
+        if self.counterfactual_every and step % self.counterfactual_every == 0:
+            blind = engine(**{**batch.model_inputs(), "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
+            cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0, self.margin)
+            loss = loss + self.losses.evd * cf
+            metrics["loss/evd_counterfactual"] = float(cf.detach())
+        engine.backward(loss)
+        norm = None
+        if measure_grad_norm and self.zero_stage == 0:
+            # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
+            norm = grad_norm(self.trainable, self.expert_parallel)  # every expert counted once
+        engine.step()
+        if measure_grad_norm and norm is None:
+            norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        self.load.add(out.moe)
+        return metrics
