@@ -203,6 +203,10 @@ class DataConfig:
     template: str = "auto"
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
     max_length: int = 128  # sequences longer than this are skipped and counted
+    # Training batches pack their sequences into rows of at most max_length positions (first-fit, longest first, at
+    # the row capacity that needs the fewest positions) instead of one padded row each; attention, positions, evidence context and the order loss stay within each sequence, so
+    # the losses and gradients equal the unpacked batch's. Logged: data/padding_share (and _unpacked, for comparison)
+    packing: bool = False
     # With split_turns, train on at most N turns per sample whose turn metadata `turn_cap_field` has a given value,
     # e.g. {"yes/no": 2} keeps 2 random yes/no questions per image (rebalances families; eval is never capped).
     turn_caps: dict[str, int] = field(default_factory=dict)

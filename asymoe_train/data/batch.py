@@ -1,6 +1,15 @@
 """Collated batches: token ids, labels, per-token modality and images of a list of encoded sequences.
 
-# B sequences, T positions, N images
+Packing (``data.packing``): the batch's sequences share rows of at most ``data.max_length`` positions, placed
+greedily (longest first, each into the first row with room), instead of one padded row each; of a few row
+capacities, the one that needs the fewest positions is used. ``segment_BT`` then says which
+sequence every position belongs to (-1: padding), sequences are numbered in row-major order, and the per-sequence
+fields (``image_index_B``, ``weight_B``, ``answers``, ``meta``) follow that order. The model keeps attention, positions,
+evidence context and the order loss within a sequence, so a packed batch trains exactly as its unpacked twin.
+Packing happens within the batch: the samples of a step, and so the stream positions a checkpoint keeps, are the
+same either way.
+
+# B rows (= sequences unless packed), S sequences, T positions, N images
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ class Batch:
     labels_BT: torch.Tensor
     modality_BT: torch.Tensor
     pixel_values_NCHW: torch.Tensor
-    image_index_B: torch.Tensor
+    image_index_B: torch.Tensor  # per sequence (S entries when packed): its row in the images, -1 for none
     context_BT: torch.Tensor  # evidence tokens: image and prompt positions (not answers, not padding)
     num_samples: int
     skipped: dict[str, int] = field(default_factory=dict)
@@ -41,38 +50,105 @@ class Batch:
     keys: list[str] = field(default_factory=list)  # shard sample keys, one per sample
     positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # training streams after this batch
     weight_B: torch.Tensor | None = None  # per-sequence loss weights (``data.answer_balance``); None = all 1
+    segment_BT: torch.Tensor | None = None  # packed batches: the sequence of each position (-1: padding)
+    # positions that are padding, packed and as one row per sequence would have it (the share packing saves)
+    padding: tuple[int, int] = (0, 0)
+    num_positions: tuple[int, int] = (0, 0)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {
+        inputs = {
             "input_ids_BT": self.input_ids_BT,
             "modality_BT": self.modality_BT,
             "pixel_values_NCHW": self.pixel_values_NCHW,
             "image_index_B": self.image_index_B,
             "context_BT": self.context_BT,
         }
+        if self.segment_BT is not None:
+            inputs["segment_BT"] = self.segment_BT
+        return inputs
+
+    def padding_shares(self) -> dict[str, float]:
+        """``data/padding_share`` of this batch and, when packed, ``data/padding_share_unpacked``: what one padded
+        row per sequence would have had."""
+        shares = {"data/padding_share": self.padding[0] / max(self.num_positions[0], 1)}
+        if self.segment_BT is not None:
+            shares["data/padding_share_unpacked"] = self.padding[1] / max(self.num_positions[1], 1)
+        return shares
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT", "segment_BT"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         if self.weight_B is not None:
             self.weight_B = self.weight_B.to(device)
         self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
         return self
 
 
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices per row, longest sequences placed first, each into the first row that
+    still has room for it (ties keep their order, so packing is deterministic)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > row_length:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a packed row of {row_length} "
+                             "(data.max_length)")
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+def pack_layout(lengths: list[int], max_length: int) -> list[list[int]]:
+    """The packing of a batch that needs the fewest positions (rows x row length): first-fit decreasing at row
+    capacities from the longest sequence up to ``max_length`` (17 of them at most). Never more positions than one
+    padded row per sequence, which the longest sequence's capacity already guarantees."""
+    longest = max(lengths)
+    step = max(1, (max_length - longest) // 16)
+    best, best_size = None, None
+    for capacity in [*range(longest, max_length, step), max_length]:
+        rows = pack_rows(lengths, capacity)
+        size = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_size is None or size < best_size:
+            best, best_size = rows, size
+    return best
+
+
 def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: int, skipped: dict[str, int],
-            pad_id: int, left_pad: bool = False, keys: list[str] | None = None) -> Batch:
-    """Pad sequences to a common length (left for generation prompts, right for training)."""
-    length = max(len(s.encoded.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), IGNORE, dtype=torch.long)
-    modality = torch.full((len(sequences), length), PAD, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        n = len(seq.encoded.input_ids)
-        cols = slice(length - n, length) if left_pad else slice(0, n)
-        input_ids[row, cols] = torch.tensor(seq.encoded.input_ids)
-        labels[row, cols] = torch.tensor(seq.encoded.labels)
-        modality[row, cols] = torch.tensor(seq.encoded.modality)
+            pad_id: int, left_pad: bool = False, keys: list[str] | None = None, pack_length: int = 0) -> Batch:
+    """Pad sequences to a common length (left for generation prompts, right for training), or with ``pack_length``
+    pack them into rows of that many positions (module doc)."""
+    lengths = [len(s.encoded.input_ids) for s in sequences]
+    unpacked = (sum(lengths), len(sequences) * max(lengths))  # (real positions, positions of one row each)
+    if pack_length:
+        if left_pad:
+            raise ValueError("packing is for training batches; generation prompts are left-padded one per row")
+        rows = pack_layout(lengths, pack_length)
+        sequences = [sequences[i] for row in rows for i in row]  # row-major order: the segment numbering
+        length = max(sum(lengths[i] for i in row) for row in rows)
+    else:
+        rows = [[i] for i in range(len(sequences))]
+        length = max(lengths)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    modality = torch.full((len(rows), length), PAD, dtype=torch.long)
+    segment = torch.full((len(rows), length), -1, dtype=torch.long)
+    seq = 0
+    for row, members in enumerate(rows):
+        start = length - sum(len(sequences[seq + j].encoded.input_ids) for j in range(len(members))) if left_pad else 0
+        for _ in members:
+            enc = sequences[seq].encoded
+            cols = slice(start, start + len(enc.input_ids))
+            input_ids[row, cols] = torch.tensor(enc.input_ids)
+            labels[row, cols] = torch.tensor(enc.labels)
+            modality[row, cols] = torch.tensor(enc.modality)
+            segment[row, cols] = seq
+            start, seq = cols.stop, seq + 1
     pixels = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
     return Batch(
         input_ids_BT=input_ids,
@@ -88,4 +164,7 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         keys=list(keys or []),
         weight_B=(torch.tensor([s.weight for s in sequences], dtype=torch.float32)
                   if any(s.weight != 1.0 for s in sequences) else None),
+        segment_BT=segment if pack_length else None,
+        padding=(input_ids.numel() - unpacked[0], unpacked[1] - unpacked[0]),
+        num_positions=(input_ids.numel(), unpacked[1]),
     )

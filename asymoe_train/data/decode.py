@@ -66,8 +66,9 @@ class SampleDecoder:
 
     def __init__(self, encoder: ConversationEncoder, image_size: int, max_length: int, split_turns: bool,
                  turn_caps: dict[str, int] | None = None, turn_cap_field: str = "family", seed: int = 0,
-                 augment: str = "none", caption_prompts: SequenceOf[str] | None = None):
+                 augment: str = "none", caption_prompts: SequenceOf[str] | None = None, pack_length: int = 0):
         self.encoder = encoder
+        self.pack_length = pack_length  # training batches: pack sequences into rows of this length (data.packing)
         self.image_size = image_size
         self.max_length = max_length
         self.split_turns = split_turns
@@ -218,14 +219,14 @@ class SampleDecoder:
             done = max_sequences and emitted + len(sequences) >= max_sequences
             if full or done:
                 yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                              left_pad=prompt_only, keys=keys)
+                              left_pad=prompt_only, keys=keys, pack_length=0 if prompt_only else self.pack_length)
                 emitted += len(sequences)
                 images, sequences, keys, num_samples = [], [], [], 0
                 if done:
                     return
         if sequences:
             yield collate(sequences, images, num_samples, self.take_skipped(), self.encoder.tok.pad_id,
-                          left_pad=prompt_only, keys=keys)
+                          left_pad=prompt_only, keys=keys, pack_length=0 if prompt_only else self.pack_length)
 
 
 def _with_image(question: str, has_image: bool) -> str:
@@ -247,4 +248,5 @@ def make_decoder(data: DataConfig, encoder: ConversationEncoder, image_size: int
                  seed: int = 0) -> SampleDecoder:
     """The decoder of a run's data config: training draws turn caps and augmentation, evaluation neither."""
     return SampleDecoder(encoder, image_size, data.max_length, data.split_turns, data.turn_caps if train else None,
-                         data.turn_cap_field, seed, data.augment if train else "none")
+                         data.turn_cap_field, seed, data.augment if train else "none",
+                         pack_length=data.max_length if train and data.packing else 0)

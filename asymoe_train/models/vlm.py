@@ -157,16 +157,30 @@ class VisionLanguageModel(nn.Module):
         pixel_values_NCHW: torch.Tensor,
         image_index_B: torch.Tensor,
         context_BT: torch.Tensor | None = None,
+        segment_BT: torch.Tensor | None = None,
     ) -> VLMOutput:
         """``context_BT`` marks evidence tokens (image and prompt; not answers, not padding); evidence experts need it.
-        """
+        ``segment_BT`` (packed batches, ``asymoe_train.data.batch``): the sequence of each position, -1 for padding;
+        attention, positions, evidence context and the order loss then stay within each sequence, and
+        ``image_index_B`` has one entry per sequence."""
         h_BTD = self.embed(input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B)
         b, t, d = h_BTD.shape
-        ctx = None if context_BT is None else TokenContext((b, t), context_BT, modality_BT)
         keep_BT = modality_BT != PAD
-        position_BT = (keep_BT.long().cumsum(-1) - 1).clamp_min(0)  # works for left and right padding
         causal_TT = torch.ones(t, t, dtype=torch.bool, device=h_BTD.device).tril()
         allowed_B1TT = (causal_TT.unsqueeze(0) & keep_BT.unsqueeze(1)).unsqueeze(1)
+        if segment_BT is None:
+            position_BT = (keep_BT.long().cumsum(-1) - 1).clamp_min(0)  # works for left and right padding
+        else:
+            allowed_B1TT = allowed_B1TT & (segment_BT.unsqueeze(-1) == segment_BT.unsqueeze(1)).unsqueeze(1)
+            # positions restart at each sequence's first position (sequences are contiguous within a row)
+            index_BT = torch.arange(t, device=h_BTD.device).expand(b, t)
+            starts_BT = torch.ones_like(keep_BT)
+            starts_BT[:, 1:] = segment_BT[:, 1:] != segment_BT[:, :-1]
+            position_BT = index_BT - torch.cummax(torch.where(starts_BT, index_BT, 0), dim=-1).values
+        ctx = None
+        if context_BT is not None:
+            ctx = TokenContext((b, t), context_BT, modality_BT, segment_BT,
+                               image_index_B.shape[0] if segment_BT is not None else b)
         # Additive mask with finfo.min (not -inf) so fully masked pad rows stay finite.
         mask_B1TT = torch.zeros(allowed_B1TT.shape, dtype=h_BTD.dtype, device=h_BTD.device)
         mask_B1TT.masked_fill_(~allowed_B1TT, torch.finfo(h_BTD.dtype).min)

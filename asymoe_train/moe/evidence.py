@@ -47,6 +47,23 @@ class TokenContext:
     batch_shape: tuple[int, int]  # (B, T) of the flattened tokens
     context_BT: torch.Tensor  # True where a token is evidence others may attend to (image and prompt tokens)
     modality_BT: torch.Tensor
+    # packed rows (asymoe_train.data.batch): the sequence of each position (-1: padding), and how many sequences;
+    # None: one sequence per row
+    segment_BT: torch.Tensor | None = None
+    num_sequences: int = 0
+
+    def same_sequence(self) -> torch.Tensor | None:
+        """``[B, 1, T, T]``: True where query i and key j belong to one sequence; None without packing."""
+        if self.segment_BT is None:
+            return None
+        return (self.segment_BT.unsqueeze(-1) == self.segment_BT.unsqueeze(1)).unsqueeze(1)
+
+    def sequences(self) -> tuple[torch.Tensor, int]:
+        """(the sequence of each position ``[B, T]``, -1 for padding where packed; the number of sequences)."""
+        if self.segment_BT is not None:
+            return self.segment_BT, self.num_sequences
+        b, t = self.batch_shape
+        return torch.arange(b, device=self.modality_BT.device)[:, None].expand(b, t), b
 
 
 @dataclass
@@ -106,6 +123,9 @@ class EvidenceExperts(nn.Module):
         # allowed[b, i, j]: key j is context strictly before query i, or the null slot (always)
         before_TT = torch.ones(t, t, dtype=torch.bool, device=x_TD.device).tril(-1)
         allowed_B1TT = (before_TT.unsqueeze(0) & ctx.context_BT.unsqueeze(1)).unsqueeze(1)
+        same_B1TT = ctx.same_sequence()
+        if same_B1TT is not None:  # packed rows: never another sequence's tokens
+            allowed_B1TT = allowed_B1TT & same_B1TT
         allowed_B1TS = nn.functional.pad(allowed_B1TT, (0, s - t), value=False)
         allowed_B1TS[..., t] = True
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed_B1TS, scale=c**-0.5)

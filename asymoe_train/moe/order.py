@@ -4,7 +4,7 @@ For every sequence with an image, the pooled text point should lie inside the en
 point (``cone_parent: vision``; or the reverse with ``text``). Points come from the hyperbolic pool's own map: the
 pre-scaled mean hidden state of the modality's tokens, exp-mapped at the origin with the pool's curvature.
 
-# B sequences, T positions, D model dim
+# B rows, T positions, S sequences (rows, or a packed row's sequences), D model dim
 """
 
 from __future__ import annotations
@@ -45,19 +45,23 @@ def entailment_loss(parent_ND: torch.Tensor, child_ND: torch.Tensor, c: torch.Te
 
 
 def pooled_points(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor):
-    """(image points, text points, which sequences have both) as Lorentz space coordinates ``[B, D]`` and a float
-    mask ``[B]``. Sequences without both get a fixed point instead (masked out of the loss; no host read selects
-    them)."""
-    b, t = ctx.batch_shape
-    x_BTD = x_TD.float().reshape(b, t, -1)
-    points = []
+    """(image points, text points, which sequences have both) as Lorentz space coordinates ``[S, D]`` and a float
+    mask ``[S]``, one per sequence (a row, or a packed row's sequences). Sequences without both get a fixed point
+    instead (masked out of the loss; no host read selects them)."""
+    segment_BT, num = ctx.sequences()
+    seq_T = segment_BT.reshape(-1).clamp_min(0)
+    x_TD = x_TD.float()
+    points, present = [], []
     for code in (IMAGE, TEXT):
-        mask_BT = (ctx.modality_BT == code).float()
-        points.append((x_BTD * mask_BT.unsqueeze(-1)).sum(1) / mask_BT.sum(1, keepdim=True).clamp_min(1))
-    both_B1 = (((ctx.modality_BT == IMAGE).any(1)) & ((ctx.modality_BT == TEXT).any(1))).unsqueeze(-1)
+        mask_T = (ctx.modality_BT.reshape(-1) == code).float()
+        sums_SD = x_TD.new_zeros(num, x_TD.shape[-1]).index_add_(0, seq_T, x_TD * mask_T.unsqueeze(-1))
+        counts_S = x_TD.new_zeros(num).index_add_(0, seq_T, mask_T)
+        points.append(sums_SD / counts_S.clamp_min(1).unsqueeze(-1))
+        present.append(counts_S > 0)
+    both_S1 = (present[0] & present[1]).unsqueeze(-1)
     with no_host_reads():
-        image_BP, text_BP = (lorentz_expmap0(scale * torch.where(both_B1, p, 1.0), c)[:, 1:] for p in points)
-    return image_BP, text_BP, both_B1[:, 0].float()
+        image_SP, text_SP = (lorentz_expmap0(scale * torch.where(both_S1, p, 1.0), c)[:, 1:] for p in points)
+    return image_SP, text_SP, both_S1[:, 0].float()
 
 
 def order_loss(x_TD: torch.Tensor, ctx: TokenContext, scale: torch.Tensor, c: torch.Tensor, parent: str,

@@ -14,10 +14,20 @@ from asymoe_train.moe.block import MoEOutput
 from asymoe_train.moe.router import balance_from_stats
 
 
-def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
-                weight_B: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def token_weights(weight_B: torch.Tensor, labels_BT: torch.Tensor,
+                  segment_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Each position's sequence weight ``[B, T]``: per row, or per packed sequence (``segment_BT``)."""
+    if segment_BT is None:
+        return weight_B[:, None].float().expand(labels_BT.shape)
+    return weight_B.float()[segment_BT.clamp_min(0)]
+
+
+def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, weight_B: torch.Tensor | None = None,
+                segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised (answer) positions, each sequence's tokens times its weight
-    (``weight_B``; None = 1), and the count of those positions (unweighted)."""
+    (``weight_B``, per sequence; None = 1), and the count of those positions (unweighted). In packed rows
+    (``segment_BT``) a sequence's last token never predicts the next sequence's first: that first token is prompt,
+    never a label."""
     targets = labels_BT[:, 1:]
     logits = logits_BTV[:, :-1].float()
     if weight_B is None:
@@ -28,12 +38,13 @@ def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
         per_token_BT = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
         )
-        loss = (per_token_BT * weight_B[:, None].float()).sum()
+        loss = (per_token_BT * token_weights(weight_B, labels_BT, segment_BT)[:, 1:]).sum()
     return loss, int((targets != IGNORE).sum())
 
 
 def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, world_size: int = 1,
-               weight_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               weight_B: torch.Tensor | None = None,
+               segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
     L_lm and the balance loss are terms of the micro-batch over all ``world_size`` data-parallel ranks (one
@@ -47,7 +58,7 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
     statistics) are per rank, and so averaged over ranks. ``weight_B`` weights each sequence's answer tokens in L_lm
     (answer balancing); the normaliser stays the token count.
     """
-    loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B)
+    loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B, segment_BT)
     lm = loss_sum / max(num_tokens, 1)
     aux: dict[str, torch.Tensor] = {}
     names = sorted({name for o in out.moe.values() for name in o.losses})
@@ -108,19 +119,30 @@ def global_balance(outputs: list[MoEOutput], totals: torch.Tensor, world_size: i
     return torch.stack(terms).mean(), torch.stack(global_terms).mean()
 
 
-def answer_loglik(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean log-likelihood per answer token of each sequence ``[B]`` (0 for sequences without answer tokens)."""
+def answer_loglik(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                  segment_BT: torch.Tensor | None = None, num_sequences: int = 0) -> torch.Tensor:
+    """Mean log-likelihood per answer token of each sequence ``[B]`` (``[num_sequences]`` of packed rows, by
+    ``segment_BT``); 0 for sequences without answer tokens."""
     targets = labels_BT[:, 1:]
     logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-    return picked.sum(-1) / mask.sum(-1).clamp_min(1)
+    if segment_BT is None:
+        return picked.sum(-1) / mask.sum(-1).clamp_min(1)
+    seq = segment_BT[:, 1:].clamp_min(0).reshape(-1)
+    sums = picked.new_zeros(num_sequences).index_add_(0, seq, picked.reshape(-1))
+    counts = picked.new_zeros(num_sequences).index_add_(0, seq, mask.reshape(-1).float())
+    return sums / counts.clamp_min(1)
 
 
 def counterfactual_evidence_loss(out_real: VLMOutput, out_blind: VLMOutput, labels_BT: torch.Tensor,
-                                 has_image_B: torch.Tensor, margin: float) -> torch.Tensor:
+                                 has_image_B: torch.Tensor, margin: float,
+                                 segment_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Counterfactual L_evd: hinge asking each answer's log-likelihood with the real image to beat the likelihood
-    with the image masked by ``margin`` (nats per answer token); penalises answers given from priors alone."""
-    gap_B = answer_loglik(out_real.logits_BTV, labels_BT) - answer_loglik(out_blind.logits_BTV, labels_BT)
+    with the image masked by ``margin`` (nats per answer token); penalises answers given from priors alone.
+    ``has_image_B`` is per sequence (packed rows: per ``segment_BT`` sequence)."""
+    num = has_image_B.shape[0]
+    gap_B = (answer_loglik(out_real.logits_BTV, labels_BT, segment_BT, num)
+             - answer_loglik(out_blind.logits_BTV, labels_BT, segment_BT, num))
     hinge_B = torch.relu(margin - gap_B) * has_image_B
     return hinge_B.sum() / has_image_B.sum().clamp_min(1)

@@ -40,10 +40,12 @@ class TrainStep:
         engine reports one) to the metrics."""
         engine = self.engine
         out = engine(**batch.model_inputs())
-        loss, metrics = total_loss(out, batch.labels_BT, self.losses, self.world_size, batch.weight_B)
+        loss, metrics = total_loss(out, batch.labels_BT, self.losses, self.world_size, batch.weight_B,
+                                   batch.segment_BT)
         if self.counterfactual_every and step % self.counterfactual_every == 0:
             blind = engine(**{**batch.model_inputs(), "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
-            cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0, self.margin)
+            cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0, self.margin,
+                                              batch.segment_BT)
             loss = loss + self.losses.evd * cf
             metrics["loss/evd_counterfactual"] = float(cf.detach())
         engine.backward(loss)
@@ -57,4 +59,5 @@ class TrainStep:
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         self.load.add(out.moe)
+        metrics.update(batch.padding_shares())
         return metrics
