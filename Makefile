@@ -49,14 +49,18 @@ bench: install data ## MoE block and demo training-step throughput (plus bf16 an
 			--deepspeed-capacity 1.0,1.5 --router-skew $$skew --repeats 15 --out docs/benchmarks.md || exit 1; \
 	done
 	$(PY) benchmarks/train_step.py --out docs/benchmarks.md
+	$(PY) benchmarks/train_step.py --shape llava --steps 30 --log-every 10 --out docs/benchmarks.md
 	@# With a CUDA GPU: the blocks in bf16 at the shapes of train_step.py's ~0.5B-activated GPU model (D=1536,
-	@# F=3072) and that model's training step, each with its MFU against the GPU's datasheet bf16 peak.
+	@# F=3072) and that model's training step, each with its MFU against the GPU's datasheet bf16 peak; and the
+	@# LLaVA-shaped packed step (576 image tokens, 32-1024 text tokens, rows of 4096) at about 1B activated.
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		for tokens in 4096 16384; do \
 			$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden 1536 --ffn-mult 2 --device cuda --dtype bf16 \
 				--out docs/benchmarks.md || exit 1; \
 		done; \
 		$(PY) benchmarks/train_step.py --device cuda --out docs/benchmarks.md || exit 1; \
+		$(PY) benchmarks/train_step.py --shape llava --device cuda --steps 30 --log-every 10 \
+			--out docs/benchmarks.md || exit 1; \
 	else echo "make bench: no CUDA GPU here, so no bf16 GPU tables"; fi
 
 ablation: install data ## the five variants x 3 seeds on a smaller demo budget (35-45 min on 2 CPU cores), then docs/results.md

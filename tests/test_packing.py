@@ -160,3 +160,20 @@ def test_packed_run_resumes_exactly_after_a_kill(tmp_path, demo_data):
     shares = [(r["data/padding_share"], r["data/padding_share_unpacked"]) for r in records if "data/padding_share" in r]
     assert shares and all(0 <= packed <= unpacked for packed, unpacked in shares)
     assert any(packed < unpacked for packed, unpacked in shares)
+
+
+def test_flops_of_a_packed_batch_are_those_of_its_sequences():
+    """The FLOP counter runs a packed batch as one row per sequence: the same count as the unpacked batch, so
+    packing cannot inflate model FLOPs with the attention it masks between sequences."""
+    from asymoe_train.data.batch import unpack_inputs
+    from asymoe_train.observability.flops import train_flops_per_token
+
+    model = upcycled(tiny(moe_config("vanilla")))
+    seqs, images = sequences()
+    plain = collate(copy.deepcopy(seqs), images, 3, {}, pad_id=0)
+    packed = collate(copy.deepcopy(seqs), images, 3, {}, pad_id=0, pack_length=20)
+    unpacked = unpack_inputs(packed.model_inputs())
+    order = [i for row in pack_layout(list(LENGTHS), 20) for i in row]
+    for name in ("input_ids_BT", "modality_BT", "context_BT"):
+        assert torch.equal(unpacked[name], plain.model_inputs()[name][order]), name
+    assert train_flops_per_token(model, packed.model_inputs()) == train_flops_per_token(model, plain.model_inputs())

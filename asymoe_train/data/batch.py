@@ -54,6 +54,7 @@ class Batch:
     # positions that are padding, packed and as one row per sequence would have it (the share packing saves)
     padding: tuple[int, int] = (0, 0)
     num_positions: tuple[int, int] = (0, 0)
+    num_tokens: int = 0  # real (non-padding) positions, counted on the host when the batch was made
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {
@@ -66,6 +67,11 @@ class Batch:
         if self.segment_BT is not None:
             inputs["segment_BT"] = self.segment_BT
         return inputs
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in the batch (rows, unless packed)."""
+        return self.image_index_B.shape[0]
 
     def padding_shares(self) -> dict[str, float]:
         """``data/padding_share`` of this batch and, when packed, ``data/padding_share_unpacked``: what one padded
@@ -83,6 +89,29 @@ class Batch:
             self.weight_B = self.weight_B.to(device)
         self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
         return self
+
+
+def unpack_inputs(inputs: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs of a packed batch (``segment_BT`` among them) as one right-padded row per sequence: what the
+    FLOP counter runs, so packing does not count the attention it masks between sequences."""
+    segment_BT = inputs["segment_BT"]
+    num = inputs["image_index_B"].shape[0]
+    spans = []
+    for row, segments in enumerate(segment_BT.tolist()):
+        for col, seq in enumerate(segments):
+            if seq >= 0 and (col == 0 or segments[col - 1] != seq):
+                spans.append((seq, row, col, segments.count(seq)))
+    spans.sort()
+    length = max(n for *_, n in spans)
+    out = {"image_index_B": inputs["image_index_B"], "pixel_values_NCHW": inputs["pixel_values_NCHW"]}
+    fills = {"input_ids_BT": pad_id, "modality_BT": PAD, "context_BT": False}
+    for name, fill in fills.items():
+        source = inputs[name]
+        target = torch.full((num, length), fill, dtype=source.dtype, device=source.device)
+        for seq, row, col, n in spans:
+            target[seq, :n] = source[row, col : col + n]
+        out[name] = target
+    return out
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -167,4 +196,5 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         segment_BT=segment if pack_length else None,
         padding=(input_ids.numel() - unpacked[0], unpacked[1] - unpacked[0]),
         num_positions=(input_ids.numel(), unpacked[1]),
+        num_tokens=unpacked[0],
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from asymoe_train.data.batch import unpack_inputs
 from asymoe_train.modality import PAD
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched in this order as
@@ -62,6 +63,9 @@ def forward_flops(model: torch.nn.Module, inputs: dict) -> int:
 
 
 def train_flops_per_token(model: torch.nn.Module, inputs: dict) -> float:
-    """Model FLOPs of a training step per real (not padding) token, from the forward pass on one batch."""
+    """Model FLOPs of a training step per real (not padding) token, from the forward pass on one batch; a packed
+    batch is counted as one row per sequence, so the attention it masks between sequences is not model FLOPs."""
+    if "segment_BT" in inputs:
+        inputs = unpack_inputs(inputs)
     tokens = int((inputs["modality_BT"] != PAD).sum())
     return TRAIN_FACTOR * forward_flops(model, inputs) / max(tokens, 1)

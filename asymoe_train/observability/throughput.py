@@ -1,8 +1,11 @@
-"""Throughput between log steps: tokens, samples and sequences per second, data-wait share, model FLOP/s and MFU."""
+"""Throughput between log steps: tokens, samples and sequences per second, data-wait share, model FLOP/s, MFU and
+(on a GPU) peak memory."""
 
 from __future__ import annotations
 
 import time
+
+import torch
 
 from asymoe_train.modality import PAD
 
@@ -22,10 +25,11 @@ class Throughput:
         self.start = time.perf_counter()
 
     def add(self, batch) -> None:
-        """A trained micro-batch (an :class:`asymoe_train.data.pipeline.Batch`)."""
-        self.tokens += int((batch.modality_BT != PAD).sum())
+        """A trained micro-batch (an :class:`asymoe_train.data.batch.Batch`): host-side counts only, so adding one
+        never waits for the device."""
+        self.tokens += batch.num_tokens if batch.num_tokens else int((batch.modality_BT != PAD).sum())
         self.samples += batch.num_samples
-        self.sequences += batch.input_ids_BT.shape[0]
+        self.sequences += batch.num_sequences
 
     def metrics(self) -> dict[str, float]:
         """``perf/*`` since the last call (samples and sequences over all ranks, tokens and FLOP/s per device)."""
@@ -40,5 +44,9 @@ class Throughput:
         }
         if self.peak_tflops:
             speed["perf/mfu"] = speed["perf/model_tflops"] / self.peak_tflops
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the allocator's own counter (no device sync); the peak since the previous log step
+            speed["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         self._reset()
         return speed
