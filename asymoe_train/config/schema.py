@@ -303,6 +303,9 @@ class LoggerConfig:
     progress: bool = True  # console progress bar
     # peak TFLOP/s of one device for perf/mfu; 0 = the datasheet bf16 peak of a known GPU in bf16 runs, else no MFU
     peak_tflops: float = 0.0
+    # warn when an expert of a router has received no tokens (summed over all ranks) for this many consecutive log
+    # steps; 0 = never. moe/dead_streak counts such experts at every log step
+    dead_expert_steps: int = 5
 
 
 @dataclass(kw_only=True)

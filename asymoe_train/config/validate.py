@@ -332,6 +332,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
     _positive("world_size", world_size)
     _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _positive("logger.log_every", cfg.logger.log_every)
+    if cfg.logger.dead_expert_steps < 0:
+        raise ConfigError(f"logger.dead_expert_steps={cfg.logger.dead_expert_steps} must be >= 0 (log steps without "
+                          "tokens before an expert is reported dead; 0 = never)")
     if cfg.logger.peak_tflops < 0:
         raise ConfigError(f"logger.peak_tflops={cfg.logger.peak_tflops} must be >= 0 (one device's peak TFLOP/s; 0 "
                           "looks a known GPU up in bf16 runs)")

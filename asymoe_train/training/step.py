@@ -23,7 +23,7 @@ class TrainStep:
     ``counterfactual_every`` optimizer steps (``step`` is the optimizer step the micro-batch belongs to)."""
 
     def __init__(self, engine, model, losses: LossConfig, evidence: EvidenceConfig, engine_cfg: EngineConfig,
-                 world_size: int = 1, expert_parallel=None):
+                 world_size: int = 1, expert_parallel=None, rank: int = 0, dead_expert_steps: int = 0):
         self.engine, self.losses, self.world_size = engine, losses, world_size
         self.expert_parallel, self.zero_stage = expert_parallel, engine_cfg.zero_stage
         active = {name for name in AUX_LOSSES if getattr(losses, name)}
@@ -33,7 +33,7 @@ class TrainStep:
         self.counterfactual_every = evidence.counterfactual_every if counterfactual else 0
         self.margin = evidence.counterfactual_margin
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.load = ExpertLoad()
+        self.load = ExpertLoad(dead_expert_steps, world_size, rank)
 
     def __call__(self, batch: Batch, step: int = 0, measure_grad_norm: bool = False) -> dict[str, float]:
         """Train on ``batch``; ``measure_grad_norm`` on the last micro-batch of a step adds ``grad_norm`` (when the

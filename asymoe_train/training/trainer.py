@@ -120,7 +120,7 @@ class Trainer:
         counts = self.prepare_stage(model, index, name, stage)
         engine = build_engine(model, self.cfg.engine, stage, stage.steps, self.expert_parallel)
         train_step = TrainStep(engine, model, stage.losses, self.cfg.model.moe.evidence, self.cfg.engine,
-                               self.world_size, self.expert_parallel)
+                               self.world_size, self.expert_parallel, self.rank, self.cfg.logger.dead_expert_steps)
         if start is not None:
             load_checkpoint(engine, model, start[1], self.rank, start[0].layout, self.layout)
             self.progress.load_state_dict(start[0].__dict__)
