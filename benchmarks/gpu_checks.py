@@ -26,6 +26,7 @@ from moe_block import commit, machine, token_layout, variant_config  # noqa: E40
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 
+from asymoe_train.data.batch import modality_counts  # noqa: E402
 from asymoe_train.moe.block import MoEBlock  # noqa: E402
 from asymoe_train.moe.evidence import TokenContext  # noqa: E402
 from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts  # noqa: E402
@@ -48,7 +49,8 @@ def block_and_inputs(name: str, hidden: int, tokens: int, device, dtype, seed: i
     modality_BL, context_BL = (t.to(device) for t in token_layout(tokens, 128))
     x = torch.randn(modality_BL.numel(), hidden, device=device, dtype=dtype)
     x = x / x.float().square().mean(-1, keepdim=True).sqrt().to(dtype)
-    return block, x, modality_BL.reshape(-1), TokenContext(tuple(modality_BL.shape), context_BL, modality_BL)
+    ctx = TokenContext(tuple(modality_BL.shape), context_BL, modality_BL, modality_counts=modality_counts(modality_BL))
+    return block, x, modality_BL.reshape(-1), ctx
 
 
 def step(block, x, modality, ctx):

@@ -11,6 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from asymoe_train.config.schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.data.batch import modality_counts
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.evidence import EvidenceExperts, EvidencePrep, TokenContext
@@ -215,12 +216,13 @@ def block_inputs(seed: int = 0):
         modality[b, 1:4] = IMAGE
         context[b, : length - 2] = True
     x = torch.randn(B * T, D, generator=g)
-    return x, modality.reshape(-1), TokenContext((B, T), context, modality)
+    # with the host-side modality counts a batch carries, so the evidence branch takes its query subset
+    return x, modality.reshape(-1), TokenContext((B, T), context, modality, modality_counts=modality_counts(modality))
 
 
-def block_step(block: MoEBlock, mode: str, seed: int = 0):
+def block_step(block: MoEBlock, mode: str, seed: int = 0, inputs=None):
     set_expert_compute(block, mode)
-    x, modality, ctx = block_inputs(seed)
+    x, modality, ctx = inputs or block_inputs(seed)
     x.requires_grad_()
     out = block(x, modality, ctx)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
@@ -288,12 +290,13 @@ def test_block_forward_and_backward_read_nothing_on_the_host(name):
     torch.manual_seed(0)
     block = randomised(MoEBlock(block_cfg(name), D, F, "silu"))
     block_step(block, "grouped")  # warm
+    inputs = block_inputs(1)  # the batch is host data: made before the step
     with HostReads() as reads:
-        block_step(block, "grouped", seed=1)
+        block_step(block, "grouped", inputs=inputs)
     assert reads.calls == []
     # the detector works: the loop path reads the counts on the host
     with HostReads() as reads:
-        block_step(block, "loop", seed=1)
+        block_step(block, "loop", inputs=inputs)
     assert any(call.endswith("tolist") for call in reads.calls)
 
 
@@ -327,3 +330,39 @@ def test_bf16_grouped_training_tracks_fp32():
     # step, 1e-4 at the end)
     assert ((bf16 - ref).abs() / ref).max() < 0.05, (ref, bf16)
     assert abs(bf16[-1] - ref[-1]) / ref[-1] < 0.02
+
+
+def test_evidence_queries_only_for_tokens_routed_to_the_pool():
+    """With the batch's host-side modality counts, the evidence branch asks queries only for the tokens of the
+    routers that reach it (text here): their outputs and s_evd equal the all-token computation, the block's output,
+    losses and gradients are unchanged, and image tokens get zero rows."""
+
+    torch.manual_seed(0)
+    block = randomised(MoEBlock(block_cfg("asymoe"), D, F, "silu"))
+    assert block.query_codes("evidence") == (TEXT,)
+    x, modality, subset_ctx = block_inputs(3)
+    counts = subset_ctx.modality_counts
+    ctx = TokenContext(subset_ctx.batch_shape, subset_ctx.context_BT, subset_ctx.modality_BT)
+    assert subset_ctx.query_positions((TEXT,))[0].shape == (B, max(row[TEXT] for row in counts))
+    pool = block.pools["evidence"]
+    full, subset = pool.prepare(x, ctx), pool.prepare(x, subset_ctx, (TEXT,))
+    text = modality == TEXT
+    rel_close(subset.evidence_ETD[:, text], full.evidence_ETD[:, text])
+    rel_close(subset.score_T[text], full.score_T[text])
+    assert (subset.evidence_ETD[:, modality == IMAGE] == 0).all() and (subset.score_T[modality == IMAGE] == 0).all()
+    results = []
+    for context in (ctx, subset_ctx):
+        run = copy.deepcopy(block)
+        xi = x.clone().requires_grad_()
+        out = run(xi, modality, context)
+        ((out.hidden_TD ** 2).sum() + sum(out.losses.values())).backward()
+        results.append((out, xi.grad, {n: p.grad for n, p in run.named_parameters() if p.grad is not None}))
+    (out_full, dx_full, g_full), (out_sub, dx_sub, g_sub) = results
+    rel_close(out_sub.hidden_TD, out_full.hidden_TD)
+    rel_close(dx_sub, dx_full)
+    for key in out_full.losses:
+        rel_close(out_sub.losses[key], out_full.losses[key])
+    assert g_sub.keys() == g_full.keys()
+    for name in g_full:
+        if not name.endswith(SCALARS):
+            rel_close(g_sub[name], g_full[name])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asymoe_train.data.conversation import IGNORE, Encoded
-from asymoe_train.modality import PAD
+from asymoe_train.modality import CODES, PAD
 
 
 @dataclass
@@ -55,6 +55,9 @@ class Batch:
     padding: tuple[int, int] = (0, 0)
     num_positions: tuple[int, int] = (0, 0)
     num_tokens: int = 0  # real (non-padding) positions, counted on the host when the batch was made
+    # tokens per row and modality code (B lists of 3 ints), host data: the model plans with it without reading the
+    # device
+    modality_counts: list[list[int]] | None = None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {
@@ -66,6 +69,8 @@ class Batch:
         }
         if self.segment_BT is not None:
             inputs["segment_BT"] = self.segment_BT
+        if self.modality_counts is not None:
+            inputs["modality_counts"] = self.modality_counts
         return inputs
 
     @property
@@ -91,6 +96,11 @@ class Batch:
         return self
 
 
+def modality_counts(modality_BT: torch.Tensor) -> list[list[int]]:
+    """Tokens per row and modality code, as host lists (``Batch.modality_counts``)."""
+    return torch.stack([(modality_BT == code).sum(1) for code in range(len(CODES))], dim=1).tolist()
+
+
 def unpack_inputs(inputs: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Model inputs of a packed batch (``segment_BT`` among them) as one right-padded row per sequence: what the
     FLOP counter runs, so packing does not count the attention it masks between sequences."""
@@ -111,6 +121,7 @@ def unpack_inputs(inputs: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str,
         for seq, row, col, n in spans:
             target[seq, :n] = source[row, col : col + n]
         out[name] = target
+    out["modality_counts"] = modality_counts(out["modality_BT"])
     return out
 
 
@@ -197,4 +208,5 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         padding=(input_ids.numel() - unpacked[0], unpacked[1] - unpacked[0]),
         num_positions=(input_ids.numel(), unpacked[1]),
         num_tokens=unpacked[0],
+        modality_counts=modality_counts(modality),
     )

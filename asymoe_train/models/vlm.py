@@ -158,11 +158,13 @@ class VisionLanguageModel(nn.Module):
         image_index_B: torch.Tensor,
         context_BT: torch.Tensor | None = None,
         segment_BT: torch.Tensor | None = None,
+        modality_counts: list[list[int]] | None = None,
     ) -> VLMOutput:
         """``context_BT`` marks evidence tokens (image and prompt; not answers, not padding); evidence experts need it.
         ``segment_BT`` (packed batches, ``asymoe_train.data.batch``): the sequence of each position, -1 for padding;
         attention, positions, evidence context and the order loss then stay within each sequence, and
-        ``image_index_B`` has one entry per sequence."""
+        ``image_index_B`` has one entry per sequence. ``modality_counts`` (host lists: tokens per row and
+        modality code) lets evidence experts ask queries only for the tokens that can be routed to them."""
         h_BTD = self.embed(input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B)
         b, t, d = h_BTD.shape
         keep_BT = modality_BT != PAD
@@ -180,7 +182,7 @@ class VisionLanguageModel(nn.Module):
         ctx = None
         if context_BT is not None:
             ctx = TokenContext((b, t), context_BT, modality_BT, segment_BT,
-                               image_index_B.shape[0] if segment_BT is not None else b)
+                               image_index_B.shape[0] if segment_BT is not None else b, modality_counts)
         # Additive mask with finfo.min (not -inf) so fully masked pad rows stay finite.
         mask_B1TT = torch.zeros(allowed_B1TT.shape, dtype=h_BTD.dtype, device=h_BTD.device)
         mask_B1TT.masked_fill_(~allowed_B1TT, torch.finfo(h_BTD.dtype).min)

@@ -110,6 +110,11 @@ class MoEBlock(nn.Module):
             self.router_context_pools[router.name] = cols
         self.active_losses: set[str] = {"balance", "z", "evd", "order"}  # the trainer drops zero-weight terms
 
+    def query_codes(self, pool: str) -> tuple[int, ...]:
+        """The modality codes of the tokens whose routers reach ``pool``."""
+        return tuple(sorted({code for router, cols in self.router_context_pools.items() if any(p == pool for p, *_ in cols)
+                             for code in self.router_modalities[router]}))
+
     def reach(self, router: str) -> torch.Tensor:
         """Global expert indices a router can reach, in router-local order."""
         return getattr(self, f"reach_{router}")
@@ -193,7 +198,7 @@ class MoEBlock(nn.Module):
             if getattr(pool, "needs_context", False):
                 if ctx is None:
                     raise ValueError(f"MoE pool {name!r} needs token context (context_BT); the model must pass it")
-                preps[name] = pool.prepare(x_TD, ctx)
+                preps[name] = pool.prepare(x_TD, ctx, self.query_codes(name))
         num_tokens, k = x_TD.shape[0], self.top_k
         # every token starts on the padding slot with weight 0; each router fills in the tokens it serves
         expert_TK = torch.full((num_tokens, k), self.num_experts, dtype=torch.long, device=x_TD.device)

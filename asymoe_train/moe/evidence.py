@@ -51,6 +51,25 @@ class TokenContext:
     # None: one sequence per row
     segment_BT: torch.Tensor | None = None
     num_sequences: int = 0
+    # tokens per row and modality code (B lists of ints), host data: lets evidence experts ask queries only for the
+    # tokens whose routers reach them without reading anything from the device; None: every token asks
+    modality_counts: list[list[int]] | None = None
+
+    def query_positions(self, codes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``[B, Q]`` positions and whether each is one of the row's tokens of modalities ``codes``: per row, those
+        tokens first (in order), then fillers up to Q, the most any row has (host arithmetic). None when every token
+        should ask (no counts or codes, or a row that needs them all)."""
+        if self.modality_counts is None or not codes:
+            return None
+        num_queries = max(sum(row[code] for code in codes) for row in self.modality_counts)
+        if num_queries >= self.batch_shape[1]:
+            return None
+        wanted_BT = self.modality_BT == codes[0]
+        for code in codes[1:]:
+            wanted_BT = wanted_BT | (self.modality_BT == code)
+        # stable sort on "not wanted": each row's wanted positions first, in order
+        pos_BQ = torch.argsort((~wanted_BT).to(torch.int8), dim=-1, stable=True)[:, :max(num_queries, 1)]
+        return pos_BQ, wanted_BT.gather(1, pos_BQ)
 
     def same_sequence(self) -> torch.Tensor | None:
         """``[B, 1, T, T]``: True where query i and key j belong to one sequence; None without packing."""
@@ -103,15 +122,26 @@ class EvidenceExperts(nn.Module):
     def alpha_E(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_logit_E)
 
-    def prepare(self, x_TD: torch.Tensor, ctx: TokenContext) -> EvidencePrep:
+    def prepare(self, x_TD: torch.Tensor, ctx: TokenContext, query_codes: tuple[int, ...] = ()) -> EvidencePrep:
         """Evidence attention for every token and every expert of the pool, and the evidence score s_evd (module
-        doc: one fused attention call, the null slot's probability read from an extra value channel)."""
+        doc: one fused attention call, the null slot's probability read from an extra value channel).
+
+        ``query_codes``: the modalities whose routers reach this pool. With the batch's per-row modality counts
+        (``ctx.modality_counts``, host data) only those tokens ask queries: each row's are gathered into the
+        first Q query slots (Q: the most any row has), and the others get zero rows and s_evd 0, which nothing
+        reads (their routers do not reach the pool)."""
         b, t = ctx.batch_shape
         d = x_TD.shape[-1]
         e, h, c = self.num_global_experts, self.num_heads, d // self.num_heads
-        # every expert's q, k, v in one matmul: [B, T, 3, E*H, C] -> each [B, E*H, T, C]
-        qkv = nn.functional.linear(x_TD.reshape(b, t, d), self.qkv_E3XD.transpose(0, 1).flatten(0, 2).to(x_TD.dtype))
-        q, k, v = qkv.unflatten(-1, (3, e * h, c)).permute(2, 0, 3, 1, 4)
+        x_BTD = x_TD.reshape(b, t, d)
+        weight_3XD = self.qkv_E3XD.transpose(0, 1).flatten(1, 2).to(x_TD.dtype)  # [3, E*H*C, D]
+        # k, v of every expert in one matmul: [B, T, 2, E*H, C] -> each [B, E*H, T, C]
+        k, v = nn.functional.linear(x_BTD, weight_3XD[1:].flatten(0, 1)).unflatten(-1, (2, e * h, c)).permute(
+            2, 0, 3, 1, 4)
+        queries = ctx.query_positions(query_codes)
+        pos_BQ = None if queries is None else queries[0]
+        x_BQD = x_BTD if pos_BQ is None else x_BTD.gather(1, pos_BQ.unsqueeze(-1).expand(-1, -1, d))
+        q = nn.functional.linear(x_BQD, weight_3XD[0]).unflatten(-1, (e * h, c)).transpose(1, 2)  # [B, E*H, Q, C]
         # Extra channels (a multiple of 8 keeps the fused kernels' alignment), and key positions: the null slot at T,
         # then masked-out keys up to a multiple of 8 (the mask's rows stay aligned).
         pad, s = 8, -(-(t + 1) // 8) * 8
@@ -128,10 +158,17 @@ class EvidenceExperts(nn.Module):
             allowed_B1TT = allowed_B1TT & same_B1TT
         allowed_B1TS = nn.functional.pad(allowed_B1TT, (0, s - t), value=False)
         allowed_B1TS[..., t] = True
+        if pos_BQ is not None:
+            allowed_B1TS = allowed_B1TS.gather(2, pos_BQ[:, None, :, None].expand(-1, -1, -1, s))
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed_B1TS, scale=c**-0.5)
-        attended_ETD = out[..., :c].unflatten(1, (e, h)).permute(1, 0, 3, 2, 4).reshape(e, b * t, d)
-        null_ET = out[..., c].float().unflatten(1, (e, h)).mean(2).permute(1, 0, 2).reshape(e, b * t)
-        return EvidencePrep(attended_ETD, (1 - null_ET).mean(0))
+        attended_EBQD = out[..., :c].unflatten(1, (e, h)).permute(1, 0, 3, 2, 4).flatten(3)
+        score_BQ = 1 - out[..., c].float().mean(1)  # mean over every expert's heads
+        if pos_BQ is not None:  # back to token positions; fillers and tokens that asked no query get zeros
+            wanted_BQ = queries[1]
+            attended_EBQD = attended_EBQD.new_zeros(e, b, t, d).scatter(
+                2, pos_BQ[None, :, :, None].expand(e, -1, -1, d), attended_EBQD * wanted_BQ[None, :, :, None])
+            score_BQ = score_BQ.new_zeros(b, t).scatter(1, pos_BQ, score_BQ * wanted_BQ)
+        return EvidencePrep(attended_EBQD.reshape(e, b * t, d), score_BQ.reshape(b * t))
 
     def expert(self, e: int, x_ND: torch.Tensor, attended_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` (of those held here) on its tokens and their attended context (``EvidencePrep``): the output
