@@ -21,7 +21,7 @@ from asymoe_train.config.schema import (
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.models.vlm import build_model
 from asymoe_train.moe.block import MoEBlock
-from asymoe_train.training.losses import total_loss
+from asymoe_train.training.losses import host_metrics, total_loss
 
 VOCAB = 50
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -70,6 +70,7 @@ def step(model, inputs, labels):
     model.zero_grad(set_to_none=True)
     out = model(*inputs)
     loss, metrics = total_loss(out, labels, LOSSES)
+    metrics = host_metrics(metrics)
     loss.backward()
     stats = {i: (o.stats, {k: v.tolist() for k, v in o.expert_counts.items()}, o.router_tokens)
              for i, o in out.moe.items()}

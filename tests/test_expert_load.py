@@ -38,6 +38,7 @@ def test_dead_experts_are_reported_after_their_streak(caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "layer 1, router 'text': expert e1 has received no tokens for 3 log steps" in warnings[0]
     assert "moe/dead_streak" not in ExpertLoad().metrics()  # 0: never
+    assert ExpertLoad(dead_expert_steps=3).metrics() == {}  # a dense model logs no MoE metrics
 
 
 def _rank(rank: int, init_file: str, results) -> None:

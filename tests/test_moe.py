@@ -14,7 +14,7 @@ from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.models.vlm import VLMOutput
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.router import Routing, balance_loss
-from asymoe_train.training.losses import total_loss
+from asymoe_train.training.losses import host_metrics, total_loss
 
 D, F = 32, 48
 
@@ -169,6 +169,7 @@ def test_balance_loss_over_two_ranks_equals_one_process_on_the_global_batch(monk
             p.grad = None
         out = forward(rows)
         loss, metrics = total_loss(out, labels_BT[rows], weights, world_size)
+        metrics = host_metrics(metrics)
         loss.backward()
         return metrics, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params], out
 

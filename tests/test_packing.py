@@ -14,7 +14,7 @@ from test_efficiency import LOSSES, VOCAB, moe_config, tiny, upcycled
 from asymoe_train.data.batch import Sequence, collate, pack_layout, pack_rows
 from asymoe_train.data.conversation import IGNORE, Encoded
 from asymoe_train.modality import IMAGE, TEXT
-from asymoe_train.training.losses import lm_loss_sum, total_loss
+from asymoe_train.training.losses import host_metrics, lm_loss_sum, total_loss
 
 IMAGE_TOKENS = 4  # the tiny model's tokens per image
 LENGTHS = (14, 6, 11, 9, 5, 12)  # packed into rows of 20: [14, 6], [12, 5], [11, 9]
@@ -102,6 +102,7 @@ def test_packed_batch_trains_as_the_unpacked_one(variant, dtype):
         batch.pixel_values_NCHW = batch.pixel_values_NCHW.to(dtype)
         out = run(**batch.model_inputs())
         loss, metrics = total_loss(out, batch.labels_BT, LOSSES, 1, batch.weight_B, batch.segment_BT)
+        metrics = host_metrics(metrics)
         loss.backward()
         grads = {n: p.grad for n, p in run.named_parameters() if p.grad is not None}
         counts = {(i, r): c for i, o in out.moe.items() for r, c in o.expert_counts.items()}

@@ -77,7 +77,7 @@ class ExpertLoad:
                 metrics[f"{prefix}/e{i}"] = value
             metrics[f"{prefix}/max_over_mean"] = float(share.max() * len(share))
             metrics[f"{prefix}/dead"] = int((counts == 0).sum())
-        if self.dead_expert_steps:
+        if self.dead_expert_steps and self.idle_logs:  # a model with routers
             metrics["moe/dead_streak"] = streak
         self.counts.clear()
         return metrics

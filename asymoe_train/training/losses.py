@@ -23,9 +23,9 @@ def token_weights(weight_B: torch.Tensor, labels_BT: torch.Tensor,
 
 
 def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, weight_B: torch.Tensor | None = None,
-                segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over supervised (answer) positions, each sequence's tokens times its weight
-    (``weight_B``, per sequence; None = 1), and the count of those positions (unweighted). In packed rows
+    (``weight_B``, per sequence; None = 1), and the count of those positions (unweighted; a device tensor). In packed rows
     (``segment_BT``) a sequence's last token never predicts the next sequence's first: that first token is prompt,
     never a label."""
     targets = labels_BT[:, 1:]
@@ -39,12 +39,12 @@ def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, weight_B: tor
             logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
         )
         loss = (per_token_BT * token_weights(weight_B, labels_BT, segment_BT)[:, 1:]).sum()
-    return loss, int((targets != IGNORE).sum())
+    return loss, (targets != IGNORE).sum()
 
 
 def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, world_size: int = 1,
                weight_B: torch.Tensor | None = None,
-               segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
     L_lm and the balance loss are terms of the micro-batch over all ``world_size`` data-parallel ranks (one
@@ -57,9 +57,12 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
     no gradient); the other terms (z, order, evd, and the balance loss of DeepSpeed's MoE layer, which returns no
     statistics) are per rank, and so averaged over ranks. ``weight_B`` weights each sequence's answer tokens in L_lm
     (answer balancing); the normaliser stays the token count.
+
+    The metrics are detached device tensors: nothing here waits for the device (``host_metrics`` reads them, on log
+    steps).
     """
     loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B, segment_BT)
-    lm = loss_sum / max(num_tokens, 1)
+    lm = loss_sum / num_tokens.clamp_min(1)
     aux: dict[str, torch.Tensor] = {}
     names = sorted({name for o in out.moe.values() for name in o.losses})
     for name in names:  # each term averaged over the MoE layers that produce it
@@ -72,7 +75,7 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
         # One all-reduce of fixed size (every rank has the same layers and routers): the LM loss sum and answer
         # tokens, then per layer and router its assignment counts, summed probabilities and tokens. float64 keeps
         # the counts exact.
-        parts = [loss_sum.detach().double().reshape(1), loss_sum.new_tensor([num_tokens], dtype=torch.float64)]
+        parts = [loss_sum.detach().double().reshape(1), num_tokens.double().reshape(1)]
         for o in balanced:
             for name, prob_sum_R in o.router_prob_sums.items():
                 parts += [o.expert_counts[name].double(), prob_sum_R.detach().double(),
@@ -80,18 +83,18 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
                                           device=prob_sum_R.device).reshape(1)]
         totals = torch.cat(parts)
         torch.distributed.all_reduce(totals)
-        global_sum, num_tokens = totals[0], int(totals[1])
-        lm = loss_sum * (world_size / max(num_tokens, 1))
-        logged["lm"] = global_sum / max(num_tokens, 1)
+        global_sum, num_tokens = totals[0], totals[1]
+        lm = loss_sum * (world_size / num_tokens.clamp_min(1)).to(loss_sum.dtype)
+        logged["lm"] = (global_sum / num_tokens.clamp_min(1)).float()
         if balanced:
             aux["balance"], logged["balance"] = global_balance(balanced, totals[2:], world_size)
     loss = lm
     for name, term in aux.items():
         if getattr(weights, name):
             loss = loss + getattr(weights, name) * term
-    metrics = {f"loss/{name}": float(term.detach()) for name, term in logged.items()}
+    metrics = {f"loss/{name}": term.detach() for name, term in logged.items()}
     if world_size == 1:
-        metrics["loss/total"] = float(loss.detach())
+        metrics["loss/total"] = loss.detach()
     else:  # the global L_lm and balance loss plus this rank's other auxiliary terms
         metrics["loss/total"] = metrics["loss/lm"] + sum(
             getattr(weights, name) * metrics[f"loss/{name}"] for name in aux if getattr(weights, name))
@@ -110,13 +113,21 @@ def global_balance(outputs: list[MoEOutput], totals: torch.Tensor, world_size: i
         for prob_sum_R in o.router_prob_sums.values():
             r = prob_sum_R.shape[0]
             counts_R, global_prob_sum_R = totals[at : at + r], totals[at + r : at + 2 * r].float()
-            num_tokens = int(totals[at + 2 * r])
+            num_tokens = totals[at + 2 * r]
             at += 2 * r + 1
             term = term + balance_from_stats(counts_R, prob_sum_R * world_size, num_tokens, o.top_k)
             global_term = global_term + balance_from_stats(counts_R, global_prob_sum_R, num_tokens, o.top_k)
         terms.append(term)
         global_terms.append(global_term)
     return torch.stack(terms).mean(), torch.stack(global_terms).mean()
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """Metrics with device tensors read on the host in one copy (``total_loss``'s and the step's, on log steps);
+    plain numbers pass through."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    values = torch.stack([v.detach().double().reshape(()) for v in tensors.values()]).tolist() if tensors else []
+    return {**metrics, **dict(zip(tensors, values, strict=True))}
 
 
 def answer_loglik(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,

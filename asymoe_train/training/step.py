@@ -8,7 +8,7 @@ from asymoe_train.config.schema import EngineConfig, EvidenceConfig, LossConfig
 from asymoe_train.data.batch import Batch
 from asymoe_train.distributed.expert_parallel import grad_norm
 from asymoe_train.observability.moe_metrics import ExpertLoad
-from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
+from asymoe_train.training.losses import counterfactual_evidence_loss, host_metrics, total_loss
 
 AUX_LOSSES = ("balance", "z", "order", "evd")
 
@@ -47,7 +47,7 @@ class TrainStep:
             cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0, self.margin,
                                               batch.segment_BT)
             loss = loss + self.losses.evd * cf
-            metrics["loss/evd_counterfactual"] = float(cf.detach())
+            metrics["loss/evd_counterfactual"] = cf.detach()
         engine.backward(loss)
         norm = None
         if measure_grad_norm and self.zero_stage == 0:
@@ -60,4 +60,4 @@ class TrainStep:
             metrics["grad_norm"] = float(norm)
         self.load.add(out.moe)
         metrics.update(batch.padding_shares())
-        return metrics
+        return host_metrics(metrics)
