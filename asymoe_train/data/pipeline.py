@@ -12,9 +12,11 @@ import bisect
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -211,11 +213,23 @@ def stream_spec(data: DataConfig, source: str | Mapping, seed: int) -> StreamSpe
 
 
 def quiet_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of the DataLoader workers: ignore SIGTERM, SIGUSR1, SIGUSR2 and SIGINT. Schedulers and
-    terminals signal the whole process group; the trainer handles these (asymoe_train.training.signals: it finishes
-    its step, saves and shuts its workers down), and a worker that died of one would abort the step it feeds."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+    """``worker_init_fn`` of the DataLoader workers: schedulers and terminals signal the whole process group, and the
+    trainer handles those signals (asymoe_train.training.signals: it finishes its step, saves and shuts its workers
+    down), while a worker that died of one would abort the step it feeds. So a worker ignores SIGINT, SIGUSR1 and
+    SIGUSR2, and SIGTERM from anyone but its trainer; the trainer's own SIGTERM (how the DataLoader or Python's exit
+    stops a worker that does not stop by itself) still ends it at once."""
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    # Only sigwaitinfo tells who sent a signal: SIGTERM is blocked here (threads started later inherit that) and a
+    # thread of its own waits for it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True, name="sigterm").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder, batch_size: int, seed: int,

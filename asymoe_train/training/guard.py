@@ -4,16 +4,17 @@ the weights, and counted; ``training.max_skipped_steps`` skipped steps in a row 
 How a step is skipped, on every optimizer path: a non-finite loss is turned into NaN gradients (the loss times NaN),
 so the gradient norm of the step is NaN on every rank once gradients are reduced. DeepSpeed's own optimizers (ZeRO-1/2,
 bf16) then skip the step themselves (their overflow check: no update, no lr-schedule step, gradients cleared). A
-plain torch optimizer (ZeRO-0, fp32) has no such check: :func:`skip_torch_step` drops the gradients (torch's Adam
-leaves a parameter without gradient and its state alone) and raises the ``overflow`` flag DeepSpeed's engine reads
-after the step, so the lr schedule does not advance either.
+plain torch optimizer (ZeRO-0, fp32) has no such check: :func:`torch_step_skipped` turns its step into a no-op and
+raises the ``overflow`` flag DeepSpeed's engine reads after the step, so the lr schedule does not advance either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -41,14 +42,29 @@ def guarded_loss(loss: torch.Tensor, poisoned: bool = False) -> tuple[torch.Tens
     return (loss if finite else loss * float("nan")), finite
 
 
-def skip_torch_step(optimizer, params: list[torch.nn.Parameter], skip: bool) -> None:
-    """Before ``engine.step()`` with a torch optimizer: when ``skip``, drop every gradient, so the step changes no
-    weight and no optimizer state. ``optimizer.overflow`` is what DeepSpeed's engine reads after a step to count it
-    as skipped (``engine.was_step_applied()``) and leave the lr schedule where it is, as its own optimizers do."""
-    if skip:
-        for param in params:
-            param.grad = None
+@contextlib.contextmanager
+def torch_step_skipped(optimizer, skip: bool) -> Iterator[None]:
+    """Around ``engine.step()`` with a torch optimizer: when ``skip``, its ``step`` does nothing (no weight and no
+    optimizer state changes) and its ``overflow`` flag, which DeepSpeed's engine reads after a step as its own
+    optimizers set it, is up, so the engine counts the step as skipped (``engine.was_step_applied()``) and leaves the
+    lr schedule where it is. (Clipping the NaN gradients first is harmless: the engine clears them after the step.)"""
     optimizer.overflow = skip
+    if not skip:
+        yield
+        return
+    wrapped = optimizer.__dict__.get("step")  # the lr scheduler's step-counting wrapper, if any
+    optimizer.step = _no_step
+    try:
+        yield
+    finally:
+        if wrapped is None:
+            del optimizer.step
+        else:
+            optimizer.step = wrapped
+
+
+def _no_step(*args, **kwargs) -> None:
+    return None
 
 
 class SkippedSteps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,7 +11,7 @@ from asymoe_train.config.schema import EngineConfig, EvidenceConfig, LossConfig
 from asymoe_train.data.batch import Batch
 from asymoe_train.distributed.expert_parallel import grad_norm
 from asymoe_train.observability.moe_metrics import ExpertLoad
-from asymoe_train.training.guard import guarded_loss, skip_torch_step
+from asymoe_train.training.guard import guarded_loss, torch_step_skipped
 from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
 
 AUX_LOSSES = ("balance", "z", "order", "evd")
@@ -62,9 +63,11 @@ class TrainStep:
         if boundary and self.zero_stage == 0:
             # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
             norm = grad_norm(self.trainable, self.expert_parallel)  # every expert counted once
+        skip = contextlib.nullcontext()
         if boundary and isinstance(engine.optimizer, torch.optim.Optimizer):  # DeepSpeed's optimizers skip themselves
-            skip_torch_step(engine.optimizer, self.trainable, not (self.window_finite and math.isfinite(norm)))
-        engine.step()
+            skip = torch_step_skipped(engine.optimizer, not (self.window_finite and math.isfinite(norm)))
+        with skip:
+            engine.step()
         if measure_grad_norm and norm is None:
             norm = engine.get_global_grad_norm()
         if norm is not None and measure_grad_norm:
