@@ -4,22 +4,69 @@ subcommands:
     asymoe-train plan [world_size=N] [overrides]     parameters, per-GPU memory and schedule; allocates nothing
     asymoe-train export <run_dir> [--stage NAME] [--out DIR]
     asymoe-train generate <export_dir> --image PATH --question "..." [--max-new-tokens N]
+
+A user's mistake or a fault outside the code (a config key, the data budget, divergence, a full disk, a corrupt or
+missing checkpoint or path) ends the command with one line naming the key or path and the fix, and exit status 1;
+``--debug`` (anywhere on the command line) or ``HYDRA_FULL_ERROR=1`` shows the traceback instead. An interrupt
+(the second SIGINT; the first one checkpoints, see asymoe_train.training.signals) exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from asymoe_train.config import register_configs
-from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.errors import ConfigError, RunError
 from asymoe_train.config.paths import CONF_DIR
 
 COMMANDS = ("plan", "export", "generate")
+DEBUG_FLAG = "--debug"
+# Errors that are the user's to fix (ValueError is what config checks raise: STYLE.md), reported without traceback
+USER_ERRORS = (ValueError, RunError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+_EMPTY_DIR = re.compile(r"^\+*hydra\.(run|sweep)\.dir=(''|\"\")?$")
+
+
+def debugging() -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``HYDRA_FULL_ERROR=1``."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def fail(prefix: str, exn: BaseException) -> None:
+    """End the process with one line (status 1), or re-raise when debugging."""
+    if debugging():
+        raise exn
+    message = str(exn) or type(exn).__name__
+    if isinstance(exn, OSError) and exn.filename and str(exn.filename) not in message:
+        message += f" ({exn.filename})"
+    sys.exit(f"{prefix}: {message}")
+
+
+def interrupted(exn: KeyboardInterrupt) -> None:
+    if debugging():
+        raise exn
+    print("asymoe-train: interrupted (second SIGINT): stopped at once; the checkpoints written so far are kept",
+          file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
+def check_output_dir() -> None:
+    """Refuse an empty ``hydra.run.dir`` / ``hydra.sweep.dir``: Hydra would write the run into the working directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    key, value = (("hydra.run.dir", hydra_cfg.run.dir) if hydra_cfg.mode == RunMode.RUN
+                  else ("hydra.sweep.dir", hydra_cfg.sweep.dir))
+    if not str(value or "").strip():
+        raise ConfigError(f"{key}={value!r} is empty, which would write the run into the working directory; set "
+                          f"{key}=<directory> (or leave it out for outputs/<experiment>/<time>-<variant>)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -31,11 +78,16 @@ def _app(cfg: DictConfig) -> float | None:
 
     metric = cfg.get("optimized_metric")
     try:
+        check_output_dir()
         if metric:
             check_metric(cfg, metric)
         results = train(cfg)
     except ConfigError as exn:
-        sys.exit(f"config error: {exn}")
+        fail("config error", exn)
+    except USER_ERRORS as exn:
+        fail("asymoe-train", exn)
+    except KeyboardInterrupt as exn:
+        interrupted(exn)
     return metric_value(results, metric) if metric and world()[0] == 0 else None
 
 
@@ -110,14 +162,22 @@ def run_command(argv: list[str]) -> None:
 
             model, tokenizer, meta = load_pretrained(args.export_dir, args.device)
             print(generate(model, tokenizer, meta, args.image, args.question, args.max_new_tokens))
-    except (FileNotFoundError, ValueError) as exn:
-        sys.exit(f"asymoe-train {args.command}: {exn}")
+    except USER_ERRORS as exn:
+        fail(f"asymoe-train {args.command}", exn)
 
 
 def main() -> None:
+    if DEBUG_FLAG in sys.argv[1:]:
+        sys.argv.remove(DEBUG_FLAG)
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors show theirs too
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         run_command(sys.argv[1:])
         return
+    for arg in sys.argv[1:]:
+        if _EMPTY_DIR.match(arg):  # before Hydra creates it: an empty run directory is the working directory
+            key = arg.split("=", 1)[0].lstrip("+")
+            sys.exit(f"config error: {key} is empty, which would write the run into the working directory; set "
+                     f"{key}=<directory> (or leave it out for outputs/<experiment>/<time>-<variant>)")
     if not os.path.isdir(CONF_DIR):
         sys.exit(f"asymoe-train: config directory {CONF_DIR} not found; install the package from its repository "
                  "with `pip install -e .`")

@@ -2,7 +2,8 @@
 PyTorch on one device: no DeepSpeed, no process group, no run directory, no shards.
 
 An export directory holds ``model.safetensors``, the tokenizer (``tokenizer.json``, or a ``tokenizer/`` directory when
-the run used a Hugging Face tokenizer directory) and ``config.yaml`` (:class:`ExportConfig`).
+the run used a Hugging Face tokenizer directory), ``config.yaml`` (:class:`ExportConfig`) and ``manifest.json`` (every
+file's SHA-256, checked when it is loaded).
 Backbones configured by a local path (``model.backbone.vision_path``, ``model.backbone.lm_path``) are rebuilt from
 that path before the exported weights replace theirs, so the path must also exist where the export is loaded.
 """
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_model
 
+from asymoe_train.checkpoint.integrity import verify, write_manifest
 from asymoe_train.checkpoint.weights import WEIGHTS, load_stage_model, save_weights, stage_dir
 from asymoe_train.config.derive import image_tokens_per_image
 from asymoe_train.config.paths import resolve_data_path
@@ -135,19 +137,22 @@ def export(run_dir: str, stage: str | None = None, out: str | None = None, token
         max_new_tokens=cfg.eval.max_new_tokens, run_dir=os.path.abspath(run_dir), stage=stage,
     )
     OmegaConf.save(OmegaConf.structured(meta), os.path.join(out, CONFIG))
+    write_manifest(out)  # what load_pretrained checks the files against
     return out
 
 
 def load_pretrained(path: str, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, TextTokenizer, ExportConfig]:
     """``(model, tokenizer, meta)`` from an export directory: the model on ``device`` (in ``dtype`` if given) in eval
-    mode, its weights loaded strictly; ``meta`` is the export's :class:`ExportConfig`."""
+    mode, its weights loaded strictly; ``meta`` is the export's :class:`ExportConfig`. The files are checked against
+    the export's ``manifest.json`` first (:class:`asymoe_train.config.errors.CheckpointError` names a damaged one)."""
     config = os.path.join(path, CONFIG)
     weights = os.path.join(path, WEIGHTS)
     for file in (config, weights):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} does not exist; write an export with "
                                     f"`asymoe-train export <run_dir> --out {path}`")
+    verify(path, fix=f"export it again with `asymoe-train export <run_dir> --out {path}`")
     meta: ExportConfig = _load_typed(ExportConfig, config, "export config")
     tokenizer = TextTokenizer(os.path.join(path, meta.tokenizer))
     model = build_model(meta.model, tokenizer.vocab_size, tokenizer.pad_id)

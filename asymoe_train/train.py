@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,9 +41,18 @@ def train(cfg: DictConfig) -> dict:
         results = Trainer(typed, rank, world_size).run()
     except Preempted as stop:
         if rank == 0:
-            log.info(f"{stop}; continue with: resume=auto hydra.run.dir={typed.run_dir}")
+            log.info(f"{stop}; continue with: {resume_command(typed.run_dir)}")
             log.info(f"run_dir: {typed.run_dir}")
         return {}
     if rank == 0:
         log.info(f"run_dir: {typed.run_dir}")
     return results
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues this run: its overrides with ``resume=auto`` and its run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["asymoe-train", *kept, "resume=auto", f"hydra.run.dir={run_dir}"])

@@ -370,13 +370,13 @@ def qa_samples(source_split: str, pairs: Sequence[Pair], pngs: dict[int, bytes])
     return samples
 
 
-def write_shards(out_dir: Path, prefix: str, samples: Sequence[Sample], images_per_shard: int) -> list[str]:
-    """Write ``<prefix>-%06d.tar`` shards of ``images_per_shard`` samples; returns the file names."""
+def write_shards(out_dir: Path, prefix: str, samples: Sequence[Sample], images_per_shard: int) -> list[dict[str, Any]]:
+    """Write ``<prefix>-%06d.tar`` shards of ``images_per_shard`` samples; returns ``{"file", "samples"}`` per shard."""
     sink = recipe_common.ShardSink(out_dir, prefix, images_per_shard)
     for sample in samples:
         sink.write({"__key__": sample.key, "png": sample.png, "json": json.dumps(sample.meta).encode()})
     sink.close()
-    return [shard["file"] for shard in sink.shards]
+    return sink.shards
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -399,8 +399,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _split_entry(kind: str, source: str, samples: Sequence[Sample], files: list[str]) -> dict[str, Any]:
-    """Manifest entry of one shard set."""
+def _split_entry(kind: str, source: str, samples: Sequence[Sample], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Manifest entry of one shard set. ``shard_samples`` ({"file", "samples"} per shard) is what the trainer counts
+    as lost when a shard turns out truncated or unreadable."""
+    files = [shard["file"] for shard in shards]
     entry: dict[str, Any] = {"kind": kind, "source": source, "images": len(samples)}
     if kind == "captions":
         entry["captions"] = len(samples)
@@ -410,6 +412,7 @@ def _split_entry(kind: str, source: str, samples: Sequence[Sample], files: list[
         entry["families"] = {family: families[family] for family in FAMILIES}
     entry["shards"] = len(files)
     entry["files"] = files
+    entry["shard_samples"] = shards
     return entry
 
 
@@ -429,8 +432,8 @@ def _build_into(out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
 
     attributes = derive_attributes(pairs["train"])
     captions, skipped = caption_samples(pngs["train"], attributes, seed)
-    files = write_shards(out_dir, "captions-train", captions, params["images_per_shard"])
-    splits["captions-train"] = _split_entry("captions", "train", captions, files)
+    shards = write_shards(out_dir, "captions-train", captions, params["images_per_shard"])
+    splits["captions-train"] = _split_entry("captions", "train", captions, shards)
     _progress("captions-train", splits["captions-train"])
     known = [attributes.get(image_id, Attributes(color=None, shape=None)) for image_id in sorted(pngs["train"])]
     derivation = {

@@ -18,6 +18,7 @@ from asymoe_train.config.schema import DataConfig
 from asymoe_train.data.conversation import IGNORE, ConversationEncoder, MalformedSample, turns
 from asymoe_train.data.decode import SampleDecoder
 from asymoe_train.data.pipeline import answer_balance_weights, eval_batches, train_loader
+from asymoe_train.data.shards import ShardReader
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.training.losses import lm_loss_sum
@@ -230,11 +231,15 @@ def test_split_stream_gives_each_rank_its_own_shards_and_loops(tmp_path, tokeniz
     assert sorted(seen[0][:4] + seen[1][:4]) == list(range(8))
 
 
+def _no_loss(reason: str, count: int) -> None:
+    raise AssertionError(f"{count} samples lost ({reason}) reading intact shards")
+
+
 def _prefix_keys(spec, stream: int, position) -> list[str]:
     """Keys a logical stream yields from its start up to ``position`` (draw, taken)."""
     keys = []
     for draw in range(position[0] + 1):
-        shard = [s["__key__"] for s in spec.shard_samples(stream, draw, wds.reraise_exception)]
+        shard = [s["__key__"] for s in spec.shard_samples(stream, draw, ShardReader(_no_loss))]
         keys += shard[: position[1]] if draw == position[0] else shard
     return keys
 

@@ -129,7 +129,7 @@ def test_exported_model_reproduces_the_training_model(variant, demo_data, tmp_pa
     cfg, tok, trained = fake_run(variant, demo_data, run_dir)
     out = export(run_dir)  # default: the last finished stage
     assert out == os.path.join(run_dir, "export")
-    assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "manifest.json", "model.safetensors", "tokenizer.json"]
     model, tokenizer, meta = asymoe_train.load_pretrained(out)
     assert meta.stage == "instruct" and meta.upcycled == (variant != "dense") == model.is_upcycled
     assert meta.template == "plain" and meta.image_size == 32 and meta.max_length == cfg.data.max_length
@@ -148,7 +148,7 @@ def test_a_run_with_a_chat_template_exports_its_tokenizer_directory(demo_data, t
     cfg, tok, trained = fake_run("moiie", demo_data, run_dir, chat_tokenizer_dir(tmp_path / "chat_tok"))
     assert cfg.data.template == "auto" and tok.chat_template
     out = export(run_dir)
-    assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "tokenizer"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "manifest.json", "model.safetensors", "tokenizer"]
     assert sorted(os.listdir(os.path.join(out, "tokenizer"))) == ["tokenizer.json", "tokenizer_config.json"]
     model, tokenizer, meta = asymoe_train.load_pretrained(out)
     assert meta.template == "chat" and meta.tokenizer == "tokenizer" and tokenizer.eos_id == tok.eos_id

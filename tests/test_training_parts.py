@@ -5,6 +5,7 @@ version guard."""
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import signal
 
@@ -178,11 +179,13 @@ def test_stop_signals_are_recorded_then_handed_on():
 
 
 class PlainEngine:
-    """What TrainStep needs of a DeepSpeed engine, over a torch optimizer (no accumulation)."""
+    """What TrainStep needs of a DeepSpeed engine, over a torch optimizer (no accumulation); like DeepSpeed's engine,
+    it counts a step as skipped when the optimizer's ``overflow`` flag is up."""
 
     def __init__(self, model: torch.nn.Module):
         self.module = model
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        self.applied = True
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -190,9 +193,16 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return True
+
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.applied = not getattr(self.optimizer, "overflow", False)
+
+    def was_step_applied(self) -> bool:
+        return self.applied
 
     def get_global_grad_norm(self):
         return None
@@ -218,6 +228,24 @@ def test_train_step_trains_a_model_and_returns_its_metrics():
     for _ in range(5):
         last = train_step(data)
     assert "grad_norm" not in last and last["loss/lm"] < first["loss/lm"]
+    assert first["guard/skipped"] == last["guard/skipped"] == 0.0
+
+
+def test_train_step_skips_a_non_finite_step_before_the_optimizer():
+    model = build_model(tiny(MOIIE), VOCAB, 0, seed=0)
+    model.upcycle()
+    set_trainable(model, ["experts", "routers"])
+    ids, mod, pixels, index = batch()
+    data = Batch(ids, torch.where(mod == PAD, IGNORE, ids), mod, pixels, index, mod != PAD, num_samples=3)
+    train_step = TrainStep(PlainEngine(model), model, LossConfig(balance=0.01, z=0.0), EvidenceConfig(),
+                           EngineConfig())
+    train_step.nan_steps = {1}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    skipped = train_step(data, step=1, measure_grad_norm=True)
+    assert skipped["guard/skipped"] == 1.0 and not math.isfinite(skipped["grad_norm"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing moved
+    assert train_step(data, step=2)["guard/skipped"] == 0.0  # the next finite step trains
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_deepspeed_adapter_checks_the_pinned_version_range():

@@ -1,8 +1,9 @@
 """The checkpoint store: naming, the trainer state file, atomic publishing, finding and pruning.
 
-A checkpoint is written under ``.tmp-<name>`` and published by renaming it once every file and the ``COMPLETE``
-marker are there, so a kill at any moment leaves the last complete checkpoint intact; leftovers are ignored with a
-warning and removed by the next prune.
+A checkpoint is written under ``.tmp-<name>`` and published by renaming it once every file, its ``manifest.json``
+(every file's SHA-256, :mod:`asymoe_train.checkpoint.integrity`) and the ``COMPLETE`` marker are there, so a kill at
+any moment leaves the last complete checkpoint intact; leftovers are ignored with a warning and removed by the next
+prune, and a save that fails (a full disk) removes its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from asymoe_train.checkpoint.integrity import write_manifest
+from asymoe_train.config.errors import SaveError
 
 STATE = "trainer_state.json"
 MARKER = "COMPLETE"
@@ -86,19 +90,48 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _any_rank(failed: bool, world_size: int) -> bool:
+    """Whether any rank failed (a collective that replaces a barrier, so no rank waits for one that gave up)."""
+    if world_size == 1:
+        return failed
+    flag = torch.tensor([int(failed)], dtype=torch.int64)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def publish(run_dir: str, name: str, write: Callable[[str], None], rank: int = 0, world_size: int = 1) -> str:
     """Write checkpoint ``name`` atomically: every rank calls ``write(directory)`` into a temporary directory, which
-    rank 0 marks complete and renames into place once all ranks are done; returns the published directory."""
+    gets a manifest of every file's SHA-256 and is marked complete and renamed into place by rank 0 once all ranks
+    are done; returns the published directory. If writing fails on any rank (a full disk, say), the temporary
+    directory is removed and :class:`SaveError` names the checkpoint and the cause; the last complete checkpoint is
+    untouched."""
     root = os.path.join(run_dir, "checkpoints")
     final, tmp = os.path.join(root, name), os.path.join(root, TMP_PREFIX + name)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(world_size)
-    write(tmp)
-    _barrier(world_size)
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier(world_size)
+        write(tmp)
+    except Exception as exn:  # torch.save reports a full disk as RuntimeError, safetensors as its own error
+        error = exn
+    except BaseException:  # KeyboardInterrupt: no half-written directory stays behind
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _any_rank(error is not None, world_size):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(final, tmp, error or RuntimeError("another rank failed to write its files"))
     if os.environ.get(CRASH_ENV) == name:  # fault injection: die with every file written but nothing published
         os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        write_manifest(tmp, rank, world_size, skip=(MARKER,))
+    except OSError as exn:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(final, tmp, exn) from None
     if rank == 0:
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             f.write(f"{world_size} ranks\n")
@@ -118,6 +151,19 @@ def publish(run_dir: str, name: str, write: Callable[[str], None], rank: int = 0
     return final
 
 
+def save_error(final: str, tmp: str, exn: BaseException) -> SaveError:
+    """The one-line error of a failed save: the checkpoint, the cause, the space left, what to do."""
+    root = os.path.dirname(final)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    cause = f"{type(exn).__name__}: {exn}".replace("\n", " ")
+    return SaveError(f"could not save checkpoint {final} ({cause}; {free}); its partial copy {tmp} was removed and "
+                     f"the checkpoints before it are intact. Free disk space under {root} (or move the run with "
+                     "hydra.run.dir) and continue with resume=auto")
+
+
 def complete_checkpoints(run_dir: str) -> list[tuple[TrainerState, str]]:
     """Complete checkpoints of a run, oldest first; incomplete ones are skipped with a warning."""
     root = os.path.join(run_dir, "checkpoints")
@@ -129,7 +175,10 @@ def complete_checkpoints(run_dir: str) -> list[tuple[TrainerState, str]]:
         if name.startswith(TMP_PREFIX) or not os.path.isfile(os.path.join(path, MARKER)):
             log.warning("ignoring incomplete checkpoint %s (a save was interrupted)", path)
             continue
-        found.append((TrainerState.load(path), path))
+        try:
+            found.append((TrainerState.load(path), path))
+        except (OSError, ValueError, KeyError, TypeError) as exn:
+            log.warning("ignoring checkpoint %s: its %s is unreadable (%s)", path, STATE, exn)
     return sorted(found, key=lambda item: (item[0].stage_index, item[0].step, item[0].stage_done))
 
 

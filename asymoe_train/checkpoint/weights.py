@@ -14,7 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from asymoe_train.checkpoint.integrity import verify
 from asymoe_train.config.derive import upcycled_after
+from asymoe_train.config.errors import CheckpointError
 from asymoe_train.config.schema import ModelConfig, StageConfig
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
 
@@ -107,10 +109,15 @@ def consolidated_state(model: torch.nn.Module, expert_parallel) -> dict[str, tor
 
 def load_stage_weights(model: torch.nn.Module, run_dir: str, stage: str, directory: str | None = None) -> None:
     """Load a previous stage's consolidated weights (strict: the structures must match), from
-    ``checkpoints/<stage>`` of ``run_dir`` or from ``directory``."""
-    path = os.path.join(directory or stage_dir(run_dir, stage), WEIGHTS)
+    ``checkpoints/<stage>`` of ``run_dir`` or from ``directory``, after checking them against the checkpoint's
+    manifest (:class:`CheckpointError` names a damaged file)."""
+    directory = directory or stage_dir(run_dir, stage)
+    path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"stage {stage!r} left no weights at {path}")
+        raise CheckpointError(f"stage {stage!r} left no weights at {path}; train that stage (resume=auto) or name "
+                              "a checkpoint that has them")
+    verify(directory, [WEIGHTS], fix=f"the weights of stage {stage!r} are damaged: restore them, or train that stage "
+           "again (resume=auto falls back to the newest checkpoint that verifies)")
     load_weights(model, path)
 
 

@@ -228,7 +228,13 @@ class DataConfig:
     num_streams: int = 8
     record_keys: bool = False  # append each step's sample keys to <run_dir>/data_keys/rank<r>.jsonl (data audits)
     num_workers: int = 1
-    max_bad_fraction: float = 0.01  # abort when more than this fraction of samples is unreadable or malformed
+    # Stop when more than this fraction of the samples read is skipped (unreadable or truncated shards, counted by the
+    # samples they should have held; malformed conversations; too long), in a training stage or an eval split
+    max_bad_fraction: float = 0.01
+    bad_fraction_min_samples: int = 200  # max_bad_fraction is enforced once this many samples have been read
+    # Shard globs name local files only; true lets data.sources / eval_sources be webdataset URLs (http://, s3://,
+    # pipe:<shell command>, ...), which webdataset opens as such: pipe: runs its command in a shell
+    allow_remote_urls: bool = False
     # Prompts of caption-only samples (img2dataset layout): each caption sample draws one (seeded by its stream
     # position, so resume replays it); the image placeholder goes in front, `<image>\n<prompt>`.
     caption_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
@@ -317,6 +323,14 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class TrainingConfig:
+    """The training loop's guard against divergence: an optimizer step whose loss or gradient norm is not finite is
+    skipped (weights and optimizer state untouched) and counted."""
+
+    max_skipped_steps: int = 10  # stop the run after this many skipped optimizer steps in a row (>= 1)
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     """Exact-match VQA evaluation by greedy generation."""
 
@@ -342,6 +356,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory
     # a finished stage of another run (its checkpoints/<stage> directory): this run skips that stage and the ones
     # before it and starts the next from its weights, with this run's own later stages and, while the weights are

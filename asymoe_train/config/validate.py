@@ -51,6 +51,17 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must be > 0")
 
 
+def _nonnegative(key: str, value: float, meaning: str = "") -> None:
+    if value < 0:
+        raise ConfigError(f"{key}={value} must be >= 0" + (f" ({meaning})" if meaning else ""))
+
+
+def _path(key: str, value: str, fix: str) -> None:
+    """A path setting must not be empty: an empty path silently means the working directory."""
+    if not str(value).strip():
+        raise ConfigError(f"{key}={value!r} is empty; {fix}")
+
+
 def _validate_backbone_paths(cfg: TrainConfig) -> None:
     """Each configured backbone path is a local Hugging Face checkpoint: config.json and weights."""
     backbone = cfg.model.backbone
@@ -202,6 +213,10 @@ def _validate_model(cfg: TrainConfig) -> None:
 
 def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
+    _path("data.root", data.root, "set it to the directory of the shards and the tokenizer (data.root=. for the "
+          "working directory)")
+    _path("data.tokenizer", data.tokenizer, "set it to a tokenizer.json or a Hugging Face tokenizer directory, "
+          "relative to data.root or absolute")
     _choice("data.template", data.template, TEMPLATES)
     parts = {name: source_parts(f"data.sources.{name}", value) for name, value in data.sources.items()}
     for n, prompt in enumerate(data.caption_prompts):
@@ -221,6 +236,11 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
         )
     if not 0 <= data.max_bad_fraction < 1:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
+    _nonnegative("data.bad_fraction_min_samples", data.bad_fraction_min_samples,
+                 "samples read before data.max_bad_fraction is enforced")
+    _nonnegative("data.shuffle_buffer", data.shuffle_buffer)
+    for value, cap in data.turn_caps.items():
+        _nonnegative(f"data.turn_caps.{value}", cap, "turns kept per sample")
     if data.answer_balance and not data.split_turns:
         raise ConfigError(f"data.answer_balance={data.answer_balance!r} weights single turns; it needs "
                           "data.split_turns=true (or set data.answer_balance='')")
@@ -240,7 +260,7 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
              for name, source in parts.items() for part in source]
     globs += [(f"data.eval_sources.{name}", pattern, False) for name, pattern in data.eval_sources.items()]
     for key, pattern, train in globs:
-        shards = shard_files(data, pattern)
+        shards = shard_files(data, pattern, key)
         if not shards:
             raise ConfigError(f"{key}: no shards match {resolve_data_path(data, pattern)}; {hint}")
         if train and not data.resampled and len(shards) < data.num_streams:
@@ -280,6 +300,8 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
                 f"{key}.epochs={stage.epochs} needs the size of source {stage.source!r}: set "
                 f"data.source_sizes.{stage.source}=<samples>, or train for {key}.steps instead"
             )
+        _nonnegative(f"{key}.warmup_steps", stage.warmup_steps)
+        _nonnegative(f"{key}.weight_decay", stage.weight_decay)
         if not 0 <= stage.min_lr_ratio <= 1:
             raise ConfigError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
         if not 0 <= stage.warmup_ratio < 1:
@@ -320,6 +342,9 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
             f"engine.ep_size={engine.ep_size} does not divide the world size {world_size}; "
             "choose an expert-parallel size that divides the number of ranks"
         )
+    _nonnegative("engine.grad_clip", engine.grad_clip, "0 = no clipping")
+    _positive("engine.adam_eps", engine.adam_eps)
+    _nonnegative("engine.threads", engine.threads, "0 = torch's default")
     _positive("engine.dist_timeout_s", engine.dist_timeout_s)
     _positive("engine.ep_timeout_s", engine.ep_timeout_s)
 
@@ -340,6 +365,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
                           "looks a known GPU up in bf16 runs)")
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    _nonnegative("eval.max_samples", cfg.eval.max_samples, "questions per split; 0 = all")
+    _nonnegative("eval.grounding_sequences", cfg.eval.grounding_sequences, "0 = no grounding probe")
+    _nonnegative("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 = only at stage ends and on a stop signal")
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("training.max_skipped_steps", cfg.training.max_skipped_steps)
+    _path("run_dir", cfg.run_dir, "set hydra.run.dir=<directory> (the run directory)")
+    _path("resume", cfg.resume, "use resume=none, resume=auto or resume=<checkpoint directory>")
     if files:
         _validate_backbone_paths(cfg)
     _validate_model(cfg)

@@ -66,16 +66,35 @@ class TooManyImages(MalformedSample):
     reason = "too_many_images"
 
 
+ROLES = ("human", "gpt")  # LLaVA's roles, alternating from the question
+
+
 def turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    """(question, answer) pairs from alternating human/gpt messages."""
-    if not conversations or len(conversations) % 2:
-        raise MalformedSample(f"conversation has {len(conversations)} messages; expected human/gpt pairs")
-    pairs = []
-    for human, gpt in zip(conversations[::2], conversations[1::2]):
-        if human.get("from") != "human" or gpt.get("from") != "gpt":
-            raise MalformedSample(f"expected human then gpt, got {human.get('from')!r} then {gpt.get('from')!r}")
-        pairs.append((str(human.get("value", "")), str(gpt.get("value", ""))))
-    return pairs
+    """(question, answer) pairs from alternating human/gpt messages. A message that is not an object, has no role
+    (``from``) or no text ``value``, an empty question or answer, an odd number of messages or roles out of order make
+    the sample malformed (:class:`MalformedSample`): none of them is a training example whose answer means anything."""
+    if not isinstance(conversations, list) or not conversations or len(conversations) % 2:
+        count = len(conversations) if isinstance(conversations, list) else type(conversations).__name__
+        raise MalformedSample(f"conversation has {count} messages; expected human/gpt pairs")
+    texts = []
+    for n, message in enumerate(conversations):
+        expected = ROLES[n % 2]
+        if not isinstance(message, dict):
+            raise MalformedSample(f"message {n} is a {type(message).__name__}, not an object")
+        role, value = message.get("from"), message.get("value")
+        if role is None:
+            raise MalformedSample(f"message {n} has no role ('from'); expected {expected!r}")
+        if role != expected:
+            raise MalformedSample(f"message {n} is from {role!r}, expected {expected!r} (roles alternate "
+                                  f"{ROLES[0]}, {ROLES[1]}, ...)")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise MalformedSample(f"message {n} ({role}) has no text 'value'")
+        if not value.strip():
+            raise MalformedSample(f"message {n} ({role}) is empty: an empty {'question' if n % 2 == 0 else 'answer'}")
+        texts.append(value)
+    return list(zip(texts[::2], texts[1::2]))
 
 
 class ConversationEncoder:

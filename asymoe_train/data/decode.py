@@ -116,11 +116,9 @@ class SampleDecoder:
         skipped, self.skipped = dict(self.skipped), Counter()
         return skipped
 
-    def on_read_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable tar members: count, warn, continue."""
-        self.skipped["unreadable_shard"] += 1
-        log.warning("skipping unreadable shard data: %s", exn)
-        return True
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` samples skipped for ``reason``; they travel with the next batch."""
+        self.skipped[reason] += count
 
     def use_data_config(self, data: DataConfig) -> None:
         """Take the caption prompts from ``data`` unless the decoder was given its own."""
@@ -201,7 +199,7 @@ class SampleDecoder:
             try:
                 image, seqs = self.decode(sample, prompt_only)
             except MalformedSample as exn:
-                self.skipped[exn.reason] += 1
+                self.skip(exn.reason)
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exn)
                 continue
             if max_sequences:

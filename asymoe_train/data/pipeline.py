@@ -12,14 +12,16 @@ import bisect
 import itertools
 import json
 import logging
+import os
 import random
+import signal
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import webdataset as wds
 
 from asymoe_train.config.paths import shard_files
 from asymoe_train.config.schema import DataConfig
@@ -27,20 +29,25 @@ from asymoe_train.config.sources import source_parts
 from asymoe_train.data.batch import Batch
 from asymoe_train.data.conversation import IMAGE_PLACEHOLDER, turns
 from asymoe_train.data.decode import SampleDecoder, turn_meta
+from asymoe_train.data.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
 
 def qa_turns(urls: Iterable[str]) -> Iterator[tuple[str, str, dict]]:
     """(question, answer, per-turn metadata) of every turn of every shard in ``urls``, in shard and turn order (the
-    order evaluation reads them in); only the json members are read, no image is decoded."""
+    order evaluation reads them in); only the json members are read, no image is decoded. Malformed records are
+    left out, as the decoder skips them."""
     for url in urls:
         with tarfile.open(url) as tar:
             for member in tar:
                 if not member.name.endswith(".json"):
                     continue
-                record = json.load(tar.extractfile(member))
-                pairs = turns(record.get("conversations", []))
+                try:
+                    record = json.load(tar.extractfile(member))
+                    pairs = turns(record.get("conversations", []))
+                except (ValueError, AttributeError):  # malformed samples: training and evaluation skip them too
+                    continue
                 for meta, (question, answer) in zip(turn_meta(record, len(pairs)), pairs, strict=True):
                     yield question.replace(IMAGE_PLACEHOLDER, "").strip(), answer, meta
 
@@ -124,11 +131,12 @@ class StreamSpec:
             random.Random(f"{self.seed}:{stream}:epoch{epoch}").shuffle(mine)
         return mine[index]
 
-    def shard_samples(self, stream: int, draw: int, on_error) -> Iterator[dict]:
-        """The drawn shard's samples through a seeded shuffle buffer (bounded memory, same order on every read)."""
+    def shard_samples(self, stream: int, draw: int, reader: ShardReader) -> Iterator[dict]:
+        """The drawn shard's samples through a seeded shuffle buffer (bounded memory, same order on every read);
+        ``reader`` counts the samples a damaged shard loses."""
         rng = random.Random(f"{self.seed}:{stream}:{draw}:order")
         pool: list[dict] = []
-        for sample in wds.tarfile_to_samples(handler=on_error)([{"url": self.shard(stream, draw)}]):
+        for sample in reader.samples(self.shard(stream, draw)):
             pool.append(sample)
             if len(pool) >= max(1, self.shuffle_buffer):
                 pick = rng.randrange(len(pool))
@@ -137,13 +145,13 @@ class StreamSpec:
         rng.shuffle(pool)
         yield from pool
 
-    def samples(self, stream: int, start: Position, on_error) -> Iterator[dict]:
+    def samples(self, stream: int, start: Position, reader: ShardReader) -> Iterator[dict]:
         """Stream ``stream`` from ``start``; each sample carries ``__stream__`` = (stream, position after it)."""
         draw, offset, total = start
         empty = 0
         while True:
             taken = 0
-            for taken, sample in enumerate(self.shard_samples(stream, draw, on_error), 1):
+            for taken, sample in enumerate(self.shard_samples(stream, draw, reader), 1):
                 if taken > offset:
                     total += 1
                     sample["__stream__"] = (stream, (draw, taken, total))
@@ -177,7 +185,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         streams = reader_streams(self.spec.num_streams, self.rank, self.world_size, worker, num_workers)
         positions = {s: tuple(self.start.get(s, (0, 0, 0))) for s in streams}
-        readers = {s: self.spec.samples(s, positions[s], self.decoder.on_read_error) for s in streams}
+        shards = ShardReader(self.decoder.skip)
+        readers = {s: self.spec.samples(s, positions[s], shards) for s in streams}
 
         def interleaved() -> Iterator[dict]:
             while True:
@@ -193,13 +202,34 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def stream_spec(data: DataConfig, source: str | Mapping, seed: int) -> StreamSpec:
     """The logical streams of a ``data.sources`` value: a shard glob or a weighted mixture of globs."""
-    parts = [(tuple(shard_files(data, part.glob)), part.weight) for part in source_parts("data.sources.<source>", source)]
+    parts = [(tuple(shard_files(data, part.glob, f"data.sources ({part.glob})")), part.weight)
+             for part in source_parts("data.sources.<source>", source)]
     urls = tuple(url for shards, _ in parts for url in shards)
     mixture = tuple(parts) if len(parts) > 1 else ()
     for shards, _ in parts:
         if not shards:
             raise ValueError(f"a part of source {source!r} matches no shards under data.root={data.root!r}")
     return StreamSpec(urls, data.num_streams, seed, data.resampled, data.shuffle_buffer, mixture)
+
+
+def quiet_worker(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the DataLoader workers: schedulers and terminals signal the whole process group, and the
+    trainer handles those signals (asymoe_train.training.signals: it finishes its step, saves and shuts its workers
+    down), while a worker that died of one would abort the step it feeds. So a worker ignores SIGINT, SIGUSR1 and
+    SIGUSR2, and SIGTERM from anyone but its trainer; the trainer's own SIGTERM (how the DataLoader or Python's exit
+    stops a worker that does not stop by itself) still ends it at once."""
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    # Only sigwaitinfo tells who sent a signal: SIGTERM is blocked here (threads started later inherit that) and a
+    # thread of its own waits for it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True, name="sigterm").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder, batch_size: int, seed: int,
@@ -217,6 +247,7 @@ def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder
     return torch.utils.data.DataLoader(
         TrainStream(spec, decoder, batch_size, rank, world_size, start), batch_size=None,
         num_workers=data.num_workers, persistent_workers=False, prefetch_factor=4 if data.num_workers else None,
+        worker_init_fn=quiet_worker,  # a group SIGTERM or Ctrl-C is the trainer's to handle (training.signals)
     )
 
 
@@ -225,9 +256,5 @@ def eval_batches(data: DataConfig, pattern: str, decoder: SampleDecoder, questio
     """Ordered generation prompts over all shards (first ``max_questions`` questions when set); with
     ``prompt_only=False`` the same questions as labelled sequences, answers included (for teacher-forced probes)."""
     decoder.use_data_config(data)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shard_files(data, pattern)),
-        wds.tarfile_to_samples(handler=decoder.on_read_error),
-    )
-    return decoder.batches(iter(pipeline), 0, questions_per_batch, prompt_only=prompt_only,
-                           max_sequences=max_questions)
+    samples = ShardReader(decoder.skip).urls(shard_files(data, pattern, f"data.eval_sources ({pattern})"))
+    return decoder.batches(samples, 0, questions_per_batch, prompt_only=prompt_only, max_sequences=max_questions)

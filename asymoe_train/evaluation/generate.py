@@ -18,9 +18,10 @@ def prompt_batch(image: bytes, question: str, tokenizer: TextTokenizer, meta: Ex
     """A one-question generation batch, built as the eval pipeline builds one from a shard sample."""
     encoder = ConversationEncoder(tokenizer, meta.template, image_tokens_per_image(meta.model.vision))
     decoder = SampleDecoder(encoder, meta.image_size, meta.max_length, split_turns=True)
-    # A shard sample; the image key only has to be an image extension (PIL detects the format from the bytes).
+    # A shard sample; the image key only has to be an image extension (PIL detects the format from the bytes). The
+    # answer is a placeholder that keeps the conversation well-formed: a prompt leaves the last answer out.
     sample = {"png": image, "json": json.dumps({"conversations": [{"from": "human", "value": question},
-                                                                  {"from": "gpt", "value": ""}]})}
+                                                                  {"from": "gpt", "value": "?"}]})}
     try:
         pixels_CHW, sequences = decoder.decode(sample, prompt_only=True)
     except MalformedSample as exn:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from asymoe_train.config.schema import TrainConfig
+from asymoe_train.data.budget import BadSampleBudget
 from asymoe_train.data.decode import SampleDecoder
 from asymoe_train.data.pipeline import eval_batches
 from asymoe_train.data.tokenizer import TextTokenizer
@@ -40,10 +41,17 @@ def evaluate_stage(model, cfg: TrainConfig, decoder: Callable[[], SampleDecoder]
     ``eval/<stage>.json``, print the table, and return the results per split and the metrics to log."""
     results = {}
     for split, pattern in cfg.data.eval_sources.items():
-        batches = eval_batches(cfg.data, pattern, decoder(), cfg.eval.batch_size, cfg.eval.max_samples)
+        reader = decoder()
+        batches = eval_batches(cfg.data, pattern, reader, cfg.eval.batch_size, cfg.eval.max_samples)
         t0 = time.perf_counter()
-        results[split] = evaluate(model, batches, tokenizer, cfg.eval.max_new_tokens, device, dtype)
-        results[split]["seconds"] = round(time.perf_counter() - t0, 1)
+        results[split] = result = evaluate(model, batches, tokenizer, cfg.eval.max_new_tokens, device, dtype)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        for reason, count in reader.take_skipped().items():  # skipped after the last batch
+            result["skipped"][reason] = result["skipped"].get(reason, 0) + count
+        if result["skipped"]:
+            log.warning(f"eval {split}: skipped {sum(result['skipped'].values())} samples {result['skipped']}")
+        budget = BadSampleBudget(cfg.data.max_bad_fraction, cfg.data.bad_fraction_min_samples, f"eval split {split}")
+        budget.add_counts(result["num_samples"], result["skipped"])  # the training budget applies to evaluation
     report = {"stage": stage, "step": step, "splits": results}
     logged = {f"eval/{split}/{key}": value["accuracy"] for split, r in results.items()
               for key, value in r["breakdown"].items()}
@@ -65,9 +73,10 @@ def evaluate_stage(model, cfg: TrainConfig, decoder: Callable[[], SampleDecoder]
 def print_eval(stage: str, results: dict) -> None:
     keys = sorted({k for r in results.values() for k in r["breakdown"]}, key=lambda k: (k != "all", k))
     log.info(f"eval after stage {stage} (exact match):")
-    log.info(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}")
+    log.info(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}"
+             + f"{'skipped':>9}")
     for split, r in results.items():
         cells = "".join(
             f"{r['breakdown'][k]['accuracy']:>12.3f}" if k in r["breakdown"] else f"{'-':>12}" for k in keys
         )
-        log.info(f"  {split:<12}{cells}{r['num_questions']:>11}")
+        log.info(f"  {split:<12}{cells}{r['num_questions']:>11}{sum(r.get('skipped', {}).values()):>9}")

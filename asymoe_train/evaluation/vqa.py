@@ -68,17 +68,21 @@ class Tally:
 
 def evaluate(model, batches: Iterable[Batch], tokenizer: TextTokenizer, max_new_tokens: int,
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
-    """Accuracy overall and per ``family`` (from the shards' per-turn metadata), with counts and a few examples."""
+    """Accuracy overall and per ``family`` (from the shards' per-turn metadata), with counts and a few examples;
+    ``num_samples`` (shard samples the questions came from) and ``skipped`` (samples skipped, by reason)."""
     was_training = model.training
     model.eval()
     tally = Tally()
+    num_samples, skipped = 0, Counter()
     for batch in batches:
+        num_samples += batch.num_samples
+        skipped.update(batch.skipped)
         batch.to(device, dtype)
         predictions = greedy_generate(model, batch, tokenizer, max_new_tokens)
         for pred, answer, meta in zip(predictions, batch.answers, batch.meta):
             tally.add(pred, answer, meta)
     model.train(was_training)
-    return tally.report()
+    return {**tally.report(), "num_samples": num_samples, "skipped": dict(skipped)}
 
 
 def question_prior_baseline(train: Iterable[tuple[str, str, dict]], questions: Iterable[tuple[str, str, dict]],

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from omegaconf import OmegaConf
 
+from asymoe_train.checkpoint.integrity import MANIFEST, problems, verify
 from asymoe_train.checkpoint.optimizer import resumes_on_any_layout
 from asymoe_train.checkpoint.store import (
     MARKER,
@@ -21,6 +22,7 @@ from asymoe_train.checkpoint.store import (
     is_complete,
 )
 from asymoe_train.config.derive import upcycled_after
+from asymoe_train.config.errors import CheckpointError
 from asymoe_train.config.schema import EngineConfig, TrainConfig
 
 # model keys that change how the model runs, not its weights: init_from may change them
@@ -44,14 +46,32 @@ def resolved_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(resolved)
 
 
-def per_step(curriculum, world_size: int):
+# Stage keys of the lr schedule: a resumed run may change them (e.g. a lower lr after a divergence, a longer stage)
+SCHEDULE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "warmup_ratio", "steps", "epochs")
+
+
+def per_step(curriculum, world_size: int, schedule: bool = True):
     """A resolved curriculum config with each stage's batch given as samples per optimizer step over all ranks
-    (``batch_size`` x ``grad_accum`` x ranks), the same for every layout that trains the same way."""
+    (``batch_size`` x ``grad_accum`` x ranks), the same for every layout that trains the same way; without
+    ``schedule`` the lr-schedule keys (:data:`SCHEDULE_KEYS`) are left out."""
     curriculum = copy.deepcopy(curriculum)
     for stage in curriculum.stages.values():
         stage.batch_size = stage.batch_size * stage.grad_accum * world_size
         stage.grad_accum = stage.global_batch_size = 0
+        if not schedule:
+            for key in SCHEDULE_KEYS:
+                stage[key] = None
     return curriculum
+
+
+def schedule_changes(state: TrainerState, config_yaml: str) -> list[str]:
+    """The lr-schedule keys of the checkpoint's stage that this config changes, as ``key: old -> new``."""
+    saved, now = OmegaConf.create(state.config), OmegaConf.create(config_yaml)
+    before, after = saved.curriculum.stages.get(state.stage), now.curriculum.stages.get(state.stage)
+    if before is None or after is None:
+        return []
+    return [f"curriculum.stages.{state.stage}.{key}: {before.get(key)} -> {after.get(key)}"
+            for key in SCHEDULE_KEYS if before.get(key) != after.get(key)]
 
 
 def check_resume(state: TrainerState, path: str, config_yaml: str, world_size: int) -> list[str]:
@@ -64,12 +84,13 @@ def check_resume(state: TrainerState, path: str, config_yaml: str, world_size: i
     if state.stage not in names or names.index(state.stage) != state.stage_index:
         raise ValueError(f"resume: checkpoint {path} is from stage {state.stage!r} (#{state.stage_index}), which "
                          f"this config's curriculum.stages {names} does not have at that place")
-    same_steps = per_step(saved.curriculum, state.layout.get("world_size", 1)) == per_step(now.curriculum,
-                                                                                          world_size)
+    same_steps = per_step(saved.curriculum, state.layout.get("world_size", 1), schedule=False) == per_step(
+        now.curriculum, world_size, schedule=False)
     for key in ("model", "curriculum"):
         if saved[key] != now[key] and not (key == "curriculum" and same_steps):
             raise ValueError(f"resume: {key} differs from the checkpoint's ({path}/{STATE} holds the resolved "
-                             f"config); resume with the same {key} or start a new run")
+                             f"config) in more than the lr schedule ({', '.join(SCHEDULE_KEYS)} of a stage may "
+                             f"change); resume with the same {key} or start a new run")
     if state.config_hash == config_hash(config_yaml):
         return []
     return sorted(k for k in now if k in saved and saved[k] != now[k])
@@ -141,20 +162,45 @@ def stage_checkpoint(run_dir: str, stage: str, start: Start | None) -> str:
     return os.path.join(run_dir, "checkpoints", stage)
 
 
+def newest_verified(candidates: list[Start], rank: int = 0, world_size: int = 1) -> Start | None:
+    """The newest of ``candidates`` (oldest first) whose files match its manifest; each newer one that does not is
+    named with its bad file (a collective with several ranks: every rank checks a share of the files)."""
+    skipped = []
+    for state, path in reversed(candidates):
+        found = problems(path, rank=rank, world_size=world_size)
+        if not found:
+            if skipped and rank == 0:
+                log.warning(f"resume=auto: falling back to {path}, the newest checkpoint that verifies")
+            return state, path
+        skipped.append(path)
+        if rank == 0:
+            log.warning(f"resume=auto: {path} fails verification: {found[0]}"
+                        + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    return None
+
+
 def find_start(cfg: TrainConfig, config_yaml: str, world_size: int, rank: int = 0) -> Start | None:
     """The checkpoint a run starts from: the one ``resume`` names (``auto``: the latest complete one of run_dir),
     else ``init_from``'s, checked against this run; None for a fresh start."""
     mode, found = cfg.resume, None
     if mode == "auto":
-        found = complete_checkpoints(cfg.run_dir)
+        candidates = complete_checkpoints(cfg.run_dir)
+        found = newest_verified(candidates, rank, world_size)
         if found:
-            state, path = found[-1]
+            state, path = found
+        elif candidates:
+            raise CheckpointError(f"resume=auto: none of the {len(candidates)} complete checkpoints in "
+                                  f"{cfg.run_dir}/checkpoints verifies against its {MANIFEST} (the warnings above "
+                                  "name the bad files); restore one, or start over with resume=none")
         elif rank == 0:
             log.info(f"resume=auto: no complete checkpoint in {cfg.run_dir}/checkpoints; starting afresh"
                      + (f" from init_from={cfg.init_from}" if cfg.init_from else ""))
     elif mode != "none":
-        if not os.path.isfile(os.path.join(mode, MARKER)):
-            raise FileNotFoundError(f"resume={mode}: not a complete checkpoint directory (no COMPLETE marker)")
+        if not is_complete(mode):
+            raise CheckpointError(f"resume={mode}: not a complete checkpoint directory (no {MARKER} marker or "
+                                  f"{STATE}); name a directory under <run_dir>/checkpoints, or use resume=auto")
+        verify(mode, fix="resume=auto picks the newest checkpoint of a run that verifies, or name another "
+               "checkpoint with resume=<dir>", rank=rank, world_size=world_size)
         found, (state, path) = True, (TrainerState.load(mode), mode)
     elif rank == 0 and complete_checkpoints(cfg.run_dir):
         log.warning("%s holds checkpoints; starting over (resume=auto continues from them)", cfg.run_dir)
@@ -162,6 +208,10 @@ def find_start(cfg: TrainConfig, config_yaml: str, world_size: int, rank: int = 
         changed = check_resume(state, path, config_yaml, world_size)
         if changed and rank == 0:
             log.warning("resume: config differs from the checkpoint's in %s", changed)
+        schedule = schedule_changes(state, config_yaml)
+        if schedule and rank == 0:
+            log.warning("resume: the lr schedule changes (%s); the stage continues from step %d on the new schedule",
+                        "; ".join(schedule), state.step)
         check_layout(state, path, layout_of(cfg.engine, world_size))
         if rank == 0:
             log.info(f"resuming from {path}: stage {state.stage}, step {state.step}, global step {state.global_step}")
@@ -170,8 +220,9 @@ def find_start(cfg: TrainConfig, config_yaml: str, world_size: int, rank: int = 
         return None
     path = cfg.init_from
     if not is_complete(path):
-        raise FileNotFoundError(f"init_from={path}: not a complete checkpoint directory (no COMPLETE marker or "
-                                f"{STATE}); name a finished stage of another run, e.g. <run_dir>/checkpoints/align")
+        raise CheckpointError(f"init_from={path}: not a complete checkpoint directory (no COMPLETE marker or "
+                              f"{STATE}); name a finished stage of another run, e.g. <run_dir>/checkpoints/align")
+    verify(path, fix="restore that checkpoint, or train its stage again", rank=rank, world_size=world_size)
     start = check_init(TrainerState.load(path), path, config_yaml, world_size)
     if rank == 0:
         names = list(cfg.curriculum.stages)

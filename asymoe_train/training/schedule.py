@@ -17,3 +17,12 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, min_ratio))
+
+
+def rebase_schedule(scheduler, lr: float) -> None:
+    """Continue a schedule restored from a checkpoint with peak ``lr``: its step stays the checkpoint's, its shape
+    (schedule length, warm-up, floor) is the one it was built with, and the optimizer's lr is set for that step now
+    (a resumed run may change the stage's lr and schedule length)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)

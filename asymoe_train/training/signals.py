@@ -1,5 +1,11 @@
-"""Stopping on the signals a scheduler sends before a time limit or a preemption: checkpoint at the next step
-boundary, then hand the signal on."""
+"""Stopping on the signals a scheduler or a user sends: checkpoint at the next step boundary, exit cleanly, then
+hand the signal on.
+
+Schedulers signal the whole process group (``scancel``, SLURM preemption, systemd, ``kill -- -PGID``), and a
+terminal's Ctrl-C does too, so DataLoader workers receive the signal with their trainer: they ignore it (their
+``worker_init_fn`` is :func:`asymoe_train.data.pipeline.quiet_worker`) and keep feeding the step the trainer finishes
+before it saves.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import torch
 
 # What SLURM (SIGTERM, SIGUSR1 with --signal) and submitit (SIGUSR2) send before a time limit or a preemption.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# A first Ctrl-C stops like a preemption; a second one stops at once (KeyboardInterrupt).
+INTERRUPT = signal.SIGINT
 
 
 class Preempted(Exception):
@@ -20,9 +28,10 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active (``with``), records a stop signal instead of dying; :meth:`requested` tells every rank whether
-    any rank received one. On leaving with :class:`Preempted`, the handler installed before (e.g. submitit's requeue)
-    gets the signal; the previous handlers are restored either way."""
+    """While active (``with``), records a stop signal (or a first SIGINT) instead of dying; :meth:`requested` tells
+    every rank whether any rank received one. A second SIGINT raises KeyboardInterrupt at once. On leaving with
+    :class:`Preempted`, the handler installed before (e.g. submitit's requeue) gets the stop signal; the previous
+    handlers are restored either way."""
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
@@ -30,9 +39,13 @@ class StopSignals:
         self.previous: dict = {}
 
     def _record(self, signum, frame) -> None:
-        self.received = signum
+        if signum == INTERRUPT and self.received == INTERRUPT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.received = self.received or signum
         if self.rank == 0:
-            print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", flush=True)
+            again = "; press Ctrl-C again to stop at once" if signum == INTERRUPT else ""
+            print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary{again}",
+                  flush=True)
 
     def requested(self) -> int:
         """The stop signal any rank received, 0 if none (all ranks agree, so all save and stop at the same step)."""
@@ -43,11 +56,12 @@ class StopSignals:
         return int(flag.item())
 
     def __enter__(self) -> StopSignals:
-        self.previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        self.previous = {signum: signal.signal(signum, self._record) for signum in (*STOP_SIGNALS, INTERRUPT)}
         return self
 
     def __exit__(self, kind, exn, traceback) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-        if isinstance(exn, Preempted) and callable(self.previous.get(exn.signum)):
+        # Python's own SIGINT handler raises KeyboardInterrupt: a checkpointed Ctrl-C ends with status 0 instead
+        if isinstance(exn, Preempted) and exn.signum != INTERRUPT and callable(self.previous.get(exn.signum)):
             self.previous[exn.signum](exn.signum, None)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from asymoe_train.config.schema import EngineConfig, EvidenceConfig, LossConfig
 from asymoe_train.data.batch import Batch
 from asymoe_train.distributed.expert_parallel import grad_norm
 from asymoe_train.observability.moe_metrics import ExpertLoad
+from asymoe_train.training.guard import guarded_loss, torch_step_skipped
 from asymoe_train.training.losses import counterfactual_evidence_loss, host_metrics, total_loss
 
 AUX_LOSSES = ("balance", "z", "order", "evd")
@@ -20,7 +24,10 @@ class TrainStep:
 
     ``losses`` are the stage's weights: a zero-weight auxiliary term is not computed at all. The counterfactual
     evidence loss (``model.moe.evidence.loss_kind=counterfactual``) runs a second, image-blind forward every
-    ``counterfactual_every`` optimizer steps (``step`` is the optimizer step the micro-batch belongs to)."""
+    ``counterfactual_every`` optimizer steps (``step`` is the optimizer step the micro-batch belongs to).
+
+    At the end of each accumulation window the metrics hold ``guard/skipped``: 1.0 when the optimizer step was skipped
+    because a loss or the gradient norm was not finite (:mod:`asymoe_train.training.guard`), else 0.0."""
 
     def __init__(self, engine, model, losses: LossConfig, evidence: EvidenceConfig, engine_cfg: EngineConfig,
                  world_size: int = 1, expert_parallel=None, rank: int = 0, dead_expert_steps: int = 0):
@@ -34,6 +41,8 @@ class TrainStep:
         self.margin = evidence.counterfactual_margin
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.load = ExpertLoad(dead_expert_steps, world_size, rank)
+        self.window_finite = True  # every loss of this gradient-accumulation window was finite
+        self.nan_steps: set[int] = set()  # steps whose loss is made NaN (fault injection, training.guard.NAN_ENV)
 
     def __call__(self, batch: Batch, step: int = 0, measure_grad_norm: bool = False) -> dict[str, float]:
         """Train on ``batch``; ``measure_grad_norm`` on the last micro-batch of a step adds ``grad_norm`` (when the
@@ -48,16 +57,26 @@ class TrainStep:
                                               batch.segment_BT)
             loss = loss + self.losses.evd * cf
             metrics["loss/evd_counterfactual"] = cf.detach()
+        # the divergence guard (training.guard): a non-finite loss or gradient norm skips the optimizer step
+        loss, finite = guarded_loss(loss, poisoned=step in self.nan_steps)
+        self.window_finite &= finite
         engine.backward(loss)
-        norm = None
-        if measure_grad_norm and self.zero_stage == 0:
+        boundary, norm = engine.is_gradient_accumulation_boundary(), None
+        if boundary and self.zero_stage == 0:
             # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
             norm = grad_norm(self.trainable, self.expert_parallel)  # every expert counted once
-        engine.step()
+        skip = contextlib.nullcontext()
+        if boundary and isinstance(engine.optimizer, torch.optim.Optimizer):  # DeepSpeed's optimizers skip themselves
+            skip = torch_step_skipped(engine.optimizer, not (self.window_finite and math.isfinite(norm)))
+        with skip:
+            engine.step()
         if measure_grad_norm and norm is None:
             norm = engine.get_global_grad_norm()
-        if norm is not None:
+        if norm is not None and measure_grad_norm:
             metrics["grad_norm"] = float(norm)
+        if boundary:
+            metrics["guard/skipped"] = float(not (self.window_finite and engine.was_step_applied()))
+            self.window_finite = True
         self.load.add(out.moe)
         metrics.update(batch.padding_shares())
         return host_metrics(metrics)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from asymoe_train.checkpoint.engine_checkpoint import load_checkpoint, save_chec
 from asymoe_train.checkpoint.store import TrainerState, config_hash, prune_checkpoints
 from asymoe_train.checkpoint.weights import load_stage_model
 from asymoe_train.config.derive import image_tokens_per_image, upcycled_after
+from asymoe_train.config.errors import DivergenceError
 from asymoe_train.config.paths import resolve_data_path
 from asymoe_train.config.schema import StageConfig, TrainConfig
 from asymoe_train.data.batch import Batch
@@ -37,7 +37,9 @@ from asymoe_train.observability.logger import MetricsLogger
 from asymoe_train.observability.throughput import Throughput
 from asymoe_train.training import resume
 from asymoe_train.training.groups import set_trainable
+from asymoe_train.training.guard import SkippedSteps, all_finite, injected_nan_steps
 from asymoe_train.training.params import format_count, stage_params
+from asymoe_train.training.schedule import rebase_schedule
 from asymoe_train.training.signals import Preempted, StopSignals
 from asymoe_train.training.step import TrainStep
 
@@ -121,14 +123,20 @@ class Trainer:
         engine = build_engine(model, self.cfg.engine, stage, stage.steps, self.expert_parallel)
         train_step = TrainStep(engine, model, stage.losses, self.cfg.model.moe.evidence, self.cfg.engine,
                                self.world_size, self.expert_parallel, self.rank, self.cfg.logger.dead_expert_steps)
+        train_step.nan_steps = injected_nan_steps(name)
         if start is not None:
             load_checkpoint(engine, model, start[1], self.rank, start[0].layout, self.layout)
             self.progress.load_state_dict(start[0].__dict__)
             self.positions.load_state_dict(start[0].data_position)
+            if resume.schedule_changes(start[0], self.config_yaml):  # this run's lr, from the checkpoint's step
+                rebase_schedule(engine.lr_scheduler, stage.lr)
         first_step = self.progress.step
         stream = iter(self.stage_loader(index, stage))
-        budget, speed = BadSampleBudget(self.cfg.data.max_bad_fraction), Throughput(self.world_size, peak_tflops(
-            engine.device, self.cfg.engine.precision, self.cfg.logger.peak_tflops))
+        data = self.cfg.data
+        budget = BadSampleBudget(data.max_bad_fraction, data.bad_fraction_min_samples, f"stage {name}")
+        skips = SkippedSteps(name, self.cfg.training.max_skipped_steps, self.rank)
+        speed = Throughput(self.world_size, peak_tflops(engine.device, self.cfg.engine.precision,
+                                                        self.cfg.logger.peak_tflops))
         if self.rank == 0:
             log.info(f"== stage {name} ({index + 1}/{len(self.cfg.curriculum.stages)}): source={stage.source} "
                      f"trainable={ {g: format_count(c) for g, c in counts.items()} }")
@@ -146,9 +154,7 @@ class Trainer:
                 self.positions.update(batch.positions)
                 speed.add(batch)
                 self.record_keys(batch, name, step, micro)
-            if not math.isfinite(metrics["loss/total"]):
-                raise FloatingPointError(f"stage {name} step {step}: loss is {metrics['loss/total']}; "
-                                         "lower the learning rate or check the data")
+            skips.record(metrics.get("guard/skipped", 0.0) > 0, step, metrics)
             self.progress.step, self.progress.global_step = step + 1, self.progress.global_step + 1
             progress.update(1)
             if step % 5 == 0:
@@ -161,7 +167,8 @@ class Trainer:
             self.checkpoint_or_stop(engine, model, stage, last=False, progress=progress)
         progress.close()
         if self.rank == 0:
-            log.info(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}")
+            log.info(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}; "
+                     f"skipped optimizer steps (non-finite loss or gradient norm): {skips.total}")
         path = self.checkpoint_or_stop(engine, model, stage, last=True)
         del stream
         return self.evaluate_trained(model, name, stage, path, engine.device)
@@ -191,7 +198,12 @@ class Trainer:
         return path
 
     def save(self, engine, model, stage_done: bool) -> str:
-        """A checkpoint of every rank's state (a collective), its trainer state assembled from the components'."""
+        """A checkpoint of every rank's state (a collective), its trainer state assembled from the components'.
+        Weights that are not finite are never saved (:class:`DivergenceError` instead)."""
+        if not all_finite(model, self.world_size):
+            raise DivergenceError(f"stage {self.progress.stage} step {self.progress.step}: the weights are not "
+                                  "finite, so no checkpoint was written (the last one holds finite weights); lower "
+                                  f"curriculum.stages.{self.progress.stage}.lr and continue with resume=auto")
         state = TrainerState(**self.progress.state_dict(), stage_done=stage_done,
                              data_position=self.positions.state_dict(), wandb_id=self.logger.state_dict()["wandb_id"],
                              config=self.config_yaml, config_hash=config_hash(self.config_yaml), layout=self.layout)
