@@ -86,13 +86,24 @@ class Batch:
             shares["data/padding_share_unpacked"] = self.padding[1] / max(self.num_positions[1], 1)
         return shares
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        for name in ("input_ids_BT", "labels_BT", "modality_BT", "image_index_B", "context_BT", "segment_BT"):
+    TENSORS = ("input_ids_BT", "labels_BT", "modality_BT", "pixel_values_NCHW", "image_index_B", "context_BT",
+               "segment_BT", "weight_B")
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory=True``), so :meth:`to`
+        copies them to a GPU asynchronously."""
+        for name in self.TENSORS:
             if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        if self.weight_B is not None:
-            self.weight_B = self.weight_B.to(device)
-        self.pixel_values_NCHW = self.pixel_values_NCHW.to(device=device, dtype=dtype or torch.float32)
+                setattr(self, name, getattr(self, name).pin_memory())
+        return self
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move the tensors to ``device`` (pixels in ``dtype``); copies from pinned memory do not block the host.
+        ``modality_counts`` stays host data."""
+        for name in self.TENSORS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        self.pixel_values_NCHW = self.pixel_values_NCHW.to(dtype=dtype or torch.float32)
         return self
 
 

@@ -248,6 +248,8 @@ def train_loader(data: DataConfig, source: str | Mapping, decoder: SampleDecoder
         TrainStream(spec, decoder, batch_size, rank, world_size, start), batch_size=None,
         num_workers=data.num_workers, persistent_workers=False, prefetch_factor=4 if data.num_workers else None,
         worker_init_fn=quiet_worker,  # a group SIGTERM or Ctrl-C is the trainer's to handle (training.signals)
+        # on a GPU, batches arrive in page-locked memory, so their copies to the device overlap the step
+        pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -33,13 +33,14 @@ def injected_nan_steps(stage: str) -> set[int]:
     return {int(s) for s in steps.split(",") if s.strip()} if name == stage else set()
 
 
-def guarded_loss(loss: torch.Tensor, poisoned: bool = False) -> tuple[torch.Tensor, bool]:
-    """The loss to backpropagate and whether it is finite. A non-finite (or ``poisoned``) loss becomes NaN, so its
-    gradients are NaN on every rank after the reduction and every optimizer path skips the step (module docstring)."""
+def guarded_loss(loss: torch.Tensor, poisoned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to backpropagate and whether it is finite (a device bool, read once per optimizer step by the
+    caller). A non-finite (or ``poisoned``) loss becomes NaN, so its gradients are NaN on every rank after the
+    reduction and every optimizer path skips the step (module docstring)."""
     if poisoned:
         loss = loss * float("nan")
-    finite = bool(torch.isfinite(loss.detach()).all())
-    return (loss if finite else loss * float("nan")), finite
+    finite = torch.isfinite(loss.detach()).all()
+    return torch.where(finite, loss, loss * float("nan")), finite
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ class SkippedSteps:
             return
         self.total += 1
         self.consecutive += 1
-        loss, norm = metrics.get("loss/total", math.nan), metrics.get("grad_norm")
+        loss, norm = float(metrics.get("loss/total", math.nan)), metrics.get("grad_norm")
         if self.rank == 0:
             log.warning(f"stage {self.stage} step {step + 1}: skipped (loss {loss}"
                         + (f", gradient norm {norm}" if norm is not None else "")

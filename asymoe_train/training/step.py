@@ -12,7 +12,7 @@ from asymoe_train.data.batch import Batch
 from asymoe_train.distributed.expert_parallel import grad_norm
 from asymoe_train.observability.moe_metrics import ExpertLoad
 from asymoe_train.training.guard import guarded_loss, torch_step_skipped
-from asymoe_train.training.losses import counterfactual_evidence_loss, host_metrics, total_loss
+from asymoe_train.training.losses import counterfactual_evidence_loss, total_loss
 
 AUX_LOSSES = ("balance", "z", "order", "evd")
 
@@ -44,9 +44,11 @@ class TrainStep:
         self.window_finite = True  # every loss of this gradient-accumulation window was finite
         self.nan_steps: set[int] = set()  # steps whose loss is made NaN (fault injection, training.guard.NAN_ENV)
 
-    def __call__(self, batch: Batch, step: int = 0, measure_grad_norm: bool = False) -> dict[str, float]:
+    def __call__(self, batch: Batch, step: int = 0, measure_grad_norm: bool = False) -> dict:
         """Train on ``batch``; ``measure_grad_norm`` on the last micro-batch of a step adds ``grad_norm`` (when the
-        engine reports one) to the metrics."""
+        engine reports one) to the metrics. Loss terms and token counts come back as device tensors, so a step
+        does not wait for the device; read them with :func:`asymoe_train.training.losses.host_metrics` on log
+        steps. The divergence guard reads one flag per optimizer step."""
         engine = self.engine
         out = engine(**batch.model_inputs())
         loss, metrics = total_loss(out, batch.labels_BT, self.losses, self.world_size, batch.weight_B,
@@ -59,9 +61,11 @@ class TrainStep:
             metrics["loss/evd_counterfactual"] = cf.detach()
         # the divergence guard (training.guard): a non-finite loss or gradient norm skips the optimizer step
         loss, finite = guarded_loss(loss, poisoned=step in self.nan_steps)
-        self.window_finite &= finite
+        self.window_finite = self.window_finite & finite  # a device bool until the window's end
         engine.backward(loss)
         boundary, norm = engine.is_gradient_accumulation_boundary(), None
+        if boundary:  # the guard's one host read per optimizer step
+            self.window_finite = bool(self.window_finite)
         if boundary and self.zero_stage == 0:
             # DeepSpeed reports no norm for a client optimizer without ZeRO; grads are reduced by now
             norm = grad_norm(self.trainable, self.expert_parallel)  # every expert counted once
@@ -79,4 +83,4 @@ class TrainStep:
             self.window_finite = True
         self.load.add(out.moe)
         metrics.update(batch.padding_shares())
-        return host_metrics(metrics)
+        return metrics

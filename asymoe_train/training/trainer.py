@@ -38,6 +38,7 @@ from asymoe_train.observability.throughput import Throughput
 from asymoe_train.training import resume
 from asymoe_train.training.groups import set_trainable
 from asymoe_train.training.guard import SkippedSteps, all_finite, injected_nan_steps
+from asymoe_train.training.losses import host_metrics
 from asymoe_train.training.params import format_count, stage_params
 from asymoe_train.training.schedule import rebase_schedule
 from asymoe_train.training.signals import Preempted, StopSignals
@@ -157,9 +158,8 @@ class Trainer:
             skips.record(metrics.get("guard/skipped", 0.0) > 0, step, metrics)
             self.progress.step, self.progress.global_step = step + 1, self.progress.global_step + 1
             progress.update(1)
-            if step % 5 == 0:
-                progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", refresh=False)
-            if log_step:
+            if log_step:  # the step's loss terms are device tensors until here: one copy per log step
+                metrics = host_metrics(metrics)
                 perf = speed.metrics()
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}")
                 self.logger.log({**metrics, **perf, **train_step.load.metrics(), "lr": engine.get_lr()[0],
@@ -167,7 +167,7 @@ class Trainer:
             self.checkpoint_or_stop(engine, model, stage, last=False, progress=progress)
         progress.close()
         if self.rank == 0:
-            log.info(f"stage {name}: done, final lm loss {metrics['loss/lm']:.4f}; data: {budget.summary()}; "
+            log.info(f"stage {name}: done, final lm loss {float(metrics['loss/lm']):.4f}; data: {budget.summary()}; "
                      f"skipped optimizer steps (non-finite loss or gradient norm): {skips.total}")
         path = self.checkpoint_or_stop(engine, model, stage, last=True)
         del stream
