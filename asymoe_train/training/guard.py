@@ -40,7 +40,8 @@ def guarded_loss(loss: torch.Tensor, poisoned: bool = False) -> tuple[torch.Tens
     if poisoned:
         loss = loss * float("nan")
     finite = torch.isfinite(loss.detach()).all()
-    return torch.where(finite, loss, loss * float("nan")), finite
+    # a factor, not torch.where(finite, loss, loss * nan): the untaken branch's backward would still multiply by NaN
+    return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype), finite
 
 
 @contextlib.contextmanager
