@@ -224,6 +224,14 @@ def quiet_worker(worker_id: int = 0) -> None:
     # thread of its own waits for it
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True, name="sigterm").start()
+    threading.excepthook = _quiet_when_trainer_left
+
+
+def _quiet_when_trainer_left(args) -> None:
+    """A worker thread that was handing a batch to its trainer when the trainer stopped at once (a second Ctrl-C)
+    finds the connection gone; that is expected, not a traceback to show."""
+    if not issubclass(args.exc_type, BrokenPipeError | ConnectionResetError | EOFError):
+        threading.__excepthook__(args)
 
 
 def _exit_on_sigterm_from(parent: int) -> None:
