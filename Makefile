@@ -37,7 +37,7 @@ train: install data ## run the two-stage CPU demo (experiment=demo) end to end; 
 test: install ## run the whole test suite (unit, integration, 2-process distributed on CPU)
 	$(PY) -m pytest tests -q $(ARGS)
 
-bench: install data ## MoE block and demo training-step throughput (plus bf16 and MFU on a CUDA GPU); appends to docs/benchmarks.md
+bench: install data ## MoE block, demo and LLaVA-shaped packed training-step throughput (bf16 and MFU on a CUDA GPU); appends to docs/benchmarks.md
 	for tokens in 1024 4096 16384; do for hidden in 256 512; do \
 		$(PY) benchmarks/moe_block.py --tokens $$tokens --hidden $$hidden --deepspeed-capacity 1.0,1.5 --repeats 7 \
 			--out docs/benchmarks.md || exit 1; \
