@@ -8,9 +8,11 @@ import copy
 
 import pytest
 import torch
+from test_asymoe import asymoe_cfg
+from test_moe import variant
 from torch.overrides import TorchFunctionMode
 
-from asymoe_train.config.schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.schema import MoEConfig
 from asymoe_train.data.batch import modality_counts
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
@@ -21,6 +23,7 @@ from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
 from asymoe_train.moe.pools import set_expert_compute
 
 D, F, B, T = 32, 48, 3, 12
+
 # uneven, with empty experts first, in the middle and last
 COUNTS = [[0, 7, 5], [6, 0, 9], [4, 11, 0], [0, 0, 13]]
 
@@ -175,39 +178,20 @@ def test_fused_evidence_attention_equals_dense_probabilities():
     assert torch.all(fused[1].reshape(B, T)[1] == 0)  # no context, no evidence
 
 
-def asymoe_cfg(geometry: str = "lorentz") -> MoEConfig:
-    return MoEConfig(
-        variant="asymoe", top_k=2, router_init_std=0.5,
-        pools=[PoolConfig(name="vision", num_experts=1), PoolConfig(name="hyperbolic", expert="hyperbolic",
-                                                                       num_experts=2),
-               PoolConfig(name="text", num_experts=1), PoolConfig(name="evidence", expert="evidence", num_experts=1)],
-        routers=[RouterConfig(name="vision", modalities=["image"], pools=["vision", "hyperbolic"]),
-                 RouterConfig(name="text", modalities=["text"], pools=["text", "hyperbolic", "evidence"])],
-        hyperbolic=HyperbolicConfig(geometry=geometry), evidence=EvidenceConfig(num_heads=4),
-    )
-
-
 def block_cfg(name: str) -> MoEConfig:
+    """The variants of tests/test_moe.py and tests/test_asymoe.py (``asymoe_poincare``: the ball geometry)."""
     if name.startswith("asymoe"):
         return asymoe_cfg("poincare" if name.endswith("poincare") else "lorentz")
-    pools = {
-        "vanilla": [PoolConfig(name="experts", num_experts=4)],
-        "moiie": [PoolConfig(name="vision", num_experts=2), PoolConfig(name="text", num_experts=1),
-                  PoolConfig(name="shared", num_experts=3)],
-    }[name]
-    routers = {
-        "vanilla": [RouterConfig(name="all", modalities=["text", "image"], pools=["experts"])],
-        "moiie": [RouterConfig(name="vision", modalities=["image"], pools=["vision", "shared"]),
-                  RouterConfig(name="text", modalities=["text"], pools=["text", "shared"])],
-    }[name]
-    return MoEConfig(variant=name, top_k=2, pools=pools, routers=routers, router_init_std=0.5)
+    return variant(name)
 
 
 VARIANTS = ["vanilla", "moiie", "asymoe", "asymoe_poincare"]
 
 
 def block_inputs(seed: int = 0):
-    """Tokens of B sequences [text, image x3, prompt..., answer x2, pad...] and their context."""
+    """Tokens of B sequences [text, image x3, prompt..., answer x2, pad...] and their context, with the host-side
+    modality counts a batch carries, so the evidence branch takes its query subset. (Longer rows than
+    tests/test_asymoe.py's ``structure``: the bf16 training check below was measured on these.)"""
     g = torch.Generator().manual_seed(seed)
     modality = torch.full((B, T), PAD)
     context = torch.zeros(B, T, dtype=torch.bool)
@@ -216,7 +200,6 @@ def block_inputs(seed: int = 0):
         modality[b, 1:4] = IMAGE
         context[b, : length - 2] = True
     x = torch.randn(B * T, D, generator=g)
-    # with the host-side modality counts a batch carries, so the evidence branch takes its query subset
     return x, modality.reshape(-1), TokenContext((B, T), context, modality, modality_counts=modality_counts(modality))
 
 
