@@ -22,7 +22,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_block import commit, machine, token_layout, variant_config  # noqa: E402
+from moe_block import commit, emit, machine, token_layout, variant_config  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 
@@ -124,11 +124,7 @@ def main() -> None:
         per_token = ((y - y_ref).norm(dim=-1) / y_ref.norm(dim=-1).clamp_min(1e-12)).median()
         lines.append(f"| {label} | {rel(y, y_ref):.1e} | {float(per_token):.1e} |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if a.out:
-        with open(a.out, "a", encoding="utf-8") as f:
-            f.write("\n" + table)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -129,15 +129,10 @@ class NaiveLoop(torch.nn.Module):
         return y, {}
 
 
-class GroupedReference(torch.nn.Module):
+class GroupedReference(NaiveLoop):
     """A plain vanilla MoE layer on ``torch._grouped_mm`` with the vanilla block's router and experts: router GEMM,
     softmax top-k, argsort, gather, three grouped GEMMs, weighted index_add (no modality routing, padding or losses):
     what the grouped kernels give without the block's bookkeeping. CUDA rows only."""
-
-    def __init__(self, vanilla: Block):
-        super().__init__()
-        self.router = vanilla.block.routers["all"]
-        self.experts = vanilla.block.pools["experts"]
 
     def forward(self, x, modality, ctx):
         routing = self.router(x)
@@ -242,6 +237,16 @@ def machine(device: torch.device | None = None) -> str:
 def mfu(tflops: float, peak: float | None) -> str:
     """`` (x %)``: ``tflops`` as a share of the device's ``peak`` TFLOP/s; empty without a peak."""
     return f" ({100 * tflops / peak:.1f} %)" if peak else ""
+
+
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a markdown table and append it to ``out`` (when given), after a blank line."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write("\n" + table)
 
 
 def commit() -> str:
@@ -360,12 +365,7 @@ def main() -> None:
                     for n in ds_rows]
         lines += ["", f"Vanilla block, dropping {100 * drops[VANILLA].assignments:.2f} % of assignments: "
                   f"{'; '.join(summary)}."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from llava_shape import write_shards  # noqa: E402
-from moe_block import ROOT, commit, machine, mfu  # noqa: E402
+from moe_block import ROOT, commit, emit, machine, mfu  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from asymoe_train.observability.flops import peak_tflops  # noqa: E402
@@ -194,11 +194,7 @@ def main() -> None:
         rule,
         *rows,
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
