@@ -18,7 +18,7 @@ from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.evidence import EvidenceExperts, EvidencePrep, TokenContext
 from asymoe_train.moe.experts import SwiGLUExperts
-from asymoe_train.moe.grouped import expert_of_rows, grouped_linear, loop_linear
+from asymoe_train.moe.grouped import expert_of_rows, grouped_linear, loop_linear, row_experts
 from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
 from asymoe_train.moe.pools import set_expert_compute
 
@@ -97,15 +97,19 @@ def assert_same(grouped, loop, exact) -> None:
 def test_grouped_linear_equals_loop_and_ignores_padding_rows():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 24, 16, generator=g)
-    bias = torch.randn(3, 24, generator=g)
     for counts in COUNTS:
         x = torch.randn(sum(counts) + 2, 16, generator=g)
         n = sum(counts)
-        got = grouped_linear(x, w, torch.tensor(counts), "grouped", bias)[:n]
-        rel_close(got, loop_linear(x, w, counts, bias)[:n])
-        expected = torch.cat([x[sum(counts[:e]) : sum(counts[: e + 1])] @ w[e].T + bias[e] for e in range(3)])
+        got = grouped_linear(x, w, torch.tensor(counts), "grouped")[:n]
+        rel_close(got, loop_linear(x, w, counts)[:n])
+        expected = torch.cat([x[sum(counts[:e]) : sum(counts[: e + 1])] @ w[e].T for e in range(3)])
         rel_close(got, expected)
+        _, valid = row_experts(torch.tensor(counts), n + 2)
+        masked = grouped_linear(x, w, torch.tensor(counts), "grouped", valid_N1=valid)
+        assert torch.equal(masked[:n], got) and (masked[n:] == 0).all()
     assert expert_of_rows(torch.tensor([0, 2, 1]), 5).tolist() == [1, 1, 2, 3, 3]
+    expert, valid = row_experts(torch.tensor([0, 2, 1]), 5)
+    assert expert.tolist() == [1, 1, 2, 2, 2] and valid[:, 0].tolist() == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize("counts", COUNTS)

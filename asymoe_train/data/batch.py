@@ -51,8 +51,7 @@ class Batch:
     positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # training streams after this batch
     weight_B: torch.Tensor | None = None  # per-sequence loss weights (``data.answer_balance``); None = all 1
     segment_BT: torch.Tensor | None = None  # packed batches: the sequence of each position (-1: padding)
-    # positions that are padding, packed and as one row per sequence would have it (the share packing saves)
-    padding: tuple[int, int] = (0, 0)
+    # positions of the batch, and as one padded row per sequence would have them (what packing saves); 0: unknown
     num_positions: tuple[int, int] = (0, 0)
     num_tokens: int = 0  # real (non-padding) positions, counted on the host when the batch was made
     # tokens per row and modality code (B lists of 3 ints), host data: the model plans with it without reading the
@@ -81,9 +80,12 @@ class Batch:
     def padding_shares(self) -> dict[str, float]:
         """``data/padding_share`` of this batch and, when packed, ``data/padding_share_unpacked``: what one padded
         row per sequence would have had."""
-        shares = {"data/padding_share": self.padding[0] / max(self.num_positions[0], 1)}
+        def share(positions: int) -> float:
+            return (positions - self.num_tokens) / max(positions, 1)
+
+        shares = {"data/padding_share": share(self.num_positions[0])}
         if self.segment_BT is not None:
-            shares["data/padding_share_unpacked"] = self.padding[1] / max(self.num_positions[1], 1)
+            shares["data/padding_share_unpacked"] = share(self.num_positions[1])
         return shares
 
     TENSORS = ("input_ids_BT", "labels_BT", "modality_BT", "pixel_values_NCHW", "image_index_B", "context_BT",
@@ -216,7 +218,6 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         weight_B=(torch.tensor([s.weight for s in sequences], dtype=torch.float32)
                   if any(s.weight != 1.0 for s in sequences) else None),
         segment_BT=segment if pack_length else None,
-        padding=(input_ids.numel() - unpacked[0], unpacked[1] - unpacked[0]),
         num_positions=(input_ids.numel(), unpacked[1]),
         num_tokens=unpacked[0],
         modality_counts=modality_counts(modality),

@@ -32,11 +32,10 @@ from torch import nn
 from asymoe_train.moe.experts import WHOLE, Shard, SwiGLUExperts
 from asymoe_train.moe.grouped import (
     as_counts,
-    expert_of_rows,
     grouped_applies,
     grouped_linear,
     per_expert,
-    valid_rows,
+    row_experts,
 )
 
 
@@ -188,10 +187,9 @@ class EvidenceExperts(nn.Module):
         if not grouped_applies(x_ND, out_EDX, self.compute):
             return per_expert(self.expert, counts_E, x_ND, evidence_ND)
         counts_E = as_counts(counts_E, x_ND.device)
-        alpha_N1 = self.alpha_E[held][expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)]
-        evidence_ND = grouped_linear(evidence_ND.to(x_ND.dtype), out_EDX, counts_E, self.compute,
-                                     valid_N1=valid_rows(counts_E, x_ND.shape[0]))
-        return self.memory(x_ND, counts_E) + alpha_N1.unsqueeze(-1).to(x_ND.dtype) * evidence_ND
+        expert_N, valid_N1 = row_experts(counts_E, x_ND.shape[0])
+        evidence_ND = grouped_linear(evidence_ND.to(x_ND.dtype), out_EDX, counts_E, self.compute, valid_N1=valid_N1)
+        return self.memory(x_ND, counts_E) + self.alpha_E[held][expert_N].unsqueeze(-1).to(x_ND.dtype) * evidence_ND
 
     def upcycle_from(self, mlp: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """The memory branch copies the dense MLP; the evidence branch keeps its zero output projection. Its q, k, v

@@ -38,7 +38,7 @@ def grouped_applies(x_NI: torch.Tensor, weight_EOI: torch.Tensor, mode: str) -> 
     if mode not in COMPUTE_MODES:
         raise ValueError(f"unknown expert compute {mode!r}; expected one of {list(COMPUTE_MODES)} "
                          "(model.moe.expert_compute)")
-    if mode == "loop" or (mode == "auto" and (x_NI.device.type != "cuda" or x_NI.dtype != torch.bfloat16)):
+    if not counts_on_device(x_NI, mode):
         return False
     size = x_NI.element_size()
     return (hasattr(torch, "_grouped_mm") and x_NI.dtype in _GROUPED_DTYPES
@@ -66,17 +66,19 @@ def expert_of_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(ends_E, rows_N, right=True)
 
 
-def valid_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``[N, 1]``: True for rows inside an expert's slice."""
-    return (torch.arange(num_rows, device=counts_E.device) < counts_E.sum()).unsqueeze(-1)
+def row_experts(counts_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the expert of each sorted row ``[N]``, the last one for rows after the last slice; ``[N, 1]`` True for rows
+    inside a slice), from one :func:`expert_of_rows`: what per-row gathers and ``valid_N1`` take."""
+    expert_N = expert_of_rows(counts_E, num_rows)
+    return expert_N.clamp_max(len(counts_E) - 1), (expert_N < len(counts_E)).unsqueeze(-1)
 
 
 def grouped_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, counts_E: torch.Tensor, mode: str = "auto",
-                   bias_EO: torch.Tensor | None = None, valid_N1: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[rows of e] @ weight[e].T (+ bias[e])`` for every expert e, weights stacked ``[E, O, I]`` like
-    ``nn.Linear``; returns ``[N, O]`` in the sorted order. The matmul runs in ``x``'s dtype (the weight is cast to
-    it, as autocast would), accumulating in fp32. ``valid_N1`` (:func:`valid_rows`): zero the rows after the last
-    slice on the way in and out (module doc)."""
+                   valid_N1: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[rows of e] @ weight[e].T`` for every expert e, weights stacked ``[E, O, I]`` like ``nn.Linear``; returns
+    ``[N, O]`` in the sorted order. The matmul runs in ``x``'s dtype (the weight is cast to it, as autocast would),
+    accumulating in fp32. ``valid_N1`` (:func:`row_experts`): zero the rows after the last slice on the way in and
+    out (module doc)."""
     weight_EOI = weight_EOI.to(x_NI.dtype)
     if grouped_applies(x_NI, weight_EOI, mode):
         offsets_E = counts_E.cumsum(0).to(torch.int32)
@@ -84,11 +86,8 @@ def grouped_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, counts_E: torch
             x_NI = torch.where(valid_N1, x_NI, 0)
         # [E, I, O] as a transposed view: the kernel reads the nn.Linear layout without a copy
         y_NO = torch._grouped_mm(x_NI.contiguous(), weight_EOI.transpose(-2, -1), offs=offsets_E)
-        if bias_EO is not None:
-            expert_N = expert_of_rows(counts_E, x_NI.shape[0]).clamp_max(len(counts_E) - 1)
-            y_NO = y_NO + bias_EO[expert_N].to(y_NO.dtype)
         return y_NO if valid_N1 is None else torch.where(valid_N1, y_NO, 0)
-    return loop_linear(x_NI, weight_EOI, counts_E.tolist(), bias_EO)
+    return loop_linear(x_NI, weight_EOI, counts_E.tolist())
 
 
 def per_expert(fn, counts: torch.Tensor | list[int], x_ND: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
@@ -111,8 +110,6 @@ def as_counts(counts: torch.Tensor | list[int], device: torch.device) -> torch.T
     return torch.as_tensor(counts, dtype=torch.long, device=device)
 
 
-def loop_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, counts: list[int],
-                bias_EO: torch.Tensor | None = None) -> torch.Tensor:
+def loop_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """The per-expert reference of :func:`grouped_linear` with host counts; rows after the last slice get zeros."""
-    return per_expert(lambda e, x: nn.functional.linear(x, weight_EOI[e], None if bias_EO is None else bias_EO[e]),
-                      counts, x_NI)
+    return per_expert(lambda e, x: nn.functional.linear(x, weight_EOI[e]), counts, x_NI)

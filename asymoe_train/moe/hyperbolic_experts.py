@@ -56,11 +56,10 @@ from asymoe_train.config.names import HYPERBOLIC_GEOMETRIES
 from asymoe_train.moe.experts import WHOLE, Shard, copy_mlp
 from asymoe_train.moe.grouped import (
     as_counts,
-    expert_of_rows,
     grouped_applies,
     grouped_linear,
     per_expert,
-    valid_rows,
+    row_experts,
 )
 from asymoe_train.moe.hyperbolic import (
     Curvature,
@@ -198,22 +197,22 @@ class HyperbolicExperts(nn.Module):
         if not grouped_applies(x_ND, self.gate_EFD, self.compute):
             return per_expert(lambda e, x: self._expert(e, x, c), counts_E, x_ND).to(x_ND.dtype)
         counts_E = as_counts(counts_E, x_ND.device)
-        expert_N = expert_of_rows(counts_E, x_ND.shape[0]).clamp_max(self.num_experts - 1)
+        expert_N, valid_N1 = row_experts(counts_E, x_ND.shape[0])
         held = slice(self.first_expert, self.first_expert + self.num_experts)
         with no_host_reads(), torch.autocast(x_ND.device.type, enabled=False):
             scale_N1 = self.log_scale_E[held].float().exp()[expert_N].unsqueeze(-1)
             if self.geometry == "lorentz":
-                return self._lorentz_rows(x_ND, counts_E, expert_N, scale_N1, c)
-            return self._poincare_rows(x_ND, counts_E, expert_N, scale_N1, c)
+                return self._lorentz_rows(x_ND, counts_E, expert_N, valid_N1, scale_N1, c)
+            return self._poincare_rows(x_ND, counts_E, expert_N, valid_N1, scale_N1, c)
 
     def _gathered(self, expert_N: torch.Tensor, *names: str) -> list[torch.Tensor]:
         """Per-row fp32 copies of per-expert vectors (biases, time columns)."""
         return [getattr(self, name).float()[expert_N] for name in names]
 
-    def _lorentz_rows(self, x_ND, counts_E, expert_N, scale_N1, c) -> torch.Tensor:
+    def _lorentz_rows(self, x_ND, counts_E, expert_N, valid_N1, scale_N1, c) -> torch.Tensor:
         """The grouped Lorentz experts: three grouped GEMMs in ``x_ND``'s dtype, fp32 element-wise chains between
         them (fused on CUDA)."""
-        dtype, valid_N1 = x_ND.dtype, valid_rows(counts_E, x_ND.shape[0])
+        dtype = x_ND.dtype
         time_N1, space_ND = _fused(_lorentz_in, x_ND)(x_ND, c, scale_N1)
         gate_NF = grouped_linear(space_ND.to(dtype), self.gate_EFD, counts_E, self.compute, valid_N1=valid_N1)
         up_NF = grouped_linear(space_ND.to(dtype), self.up_EFD, counts_E, self.compute, valid_N1=valid_N1)
@@ -224,10 +223,10 @@ class HyperbolicExperts(nn.Module):
         return _fused(_lorentz_out, x_ND)(down_ND, time_N1, *self._gathered(expert_N, "down_bias_ED", "down_time_ED"),
                                           c, scale_N1).to(dtype)
 
-    def _poincare_rows(self, x_ND, counts_E, expert_N, scale_N1, c) -> torch.Tensor:
+    def _poincare_rows(self, x_ND, counts_E, expert_N, valid_N1, scale_N1, c) -> torch.Tensor:
         """The grouped Poincaré experts: each layer's matvec M log0(p) as a grouped GEMM in ``x_ND``'s dtype, the
         maps and Möbius bias additions in fp32."""
-        dtype, valid_N1 = x_ND.dtype, valid_rows(counts_E, x_ND.shape[0])
+        dtype = x_ND.dtype
 
         def layer(name: str, point_NX: torch.Tensor) -> torch.Tensor:
             weight, bias, _ = (getattr(self, attr) for attr in LAYERS[name])
