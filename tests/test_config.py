@@ -67,22 +67,48 @@ def test_typos_and_wrong_types_fail_at_compose_time(override, error, demo_data):
     (["model.moe.top_k=5"], "model.moe.top_k"),
     (["model/moe=vanilla", "engine.ep_size=3"], "engine.ep_size"),
     (["engine.zero_stage=3"], "engine.zero_stage"),
-    (["engine.precision=fp16"], "engine.precision"),
     (["model.vision.merge=3"], "model.vision.merge"),
     (["model.moe.layers=7"], "model.moe.layers"),
     (["curriculum.stages.align.trainable=[projector,everything]"], "curriculum.stages.align.trainable"),
     (["curriculum.stages.align.source=nowhere"], "curriculum.stages.align.source"),
     (["curriculum.stages.align.steps=5"], "curriculum.stages.align.warmup_steps"),
     (["data.sources.qa=missing-*.tar"], "data.sources.qa"),
-    (["logger.mode=loud"], "logger.mode"),
     (["model.moe.routers.0.modalities=[text]"], "model.moe.routers"),
-    (["model/moe=asymoe", "model.moe.hyperbolic.geometry=sphere"], "model.moe.hyperbolic.geometry"),
     (["model/moe=asymoe", "model.moe.evidence.layers=0"], "model.moe.evidence.layers"),
-    (["model/moe=asymoe", "model.moe.evidence.loss_kind=magic"], "model.moe.evidence.loss_kind"),
     (["model/moe=asymoe", "model.moe.evidence.num_heads=3"], "model.moe.evidence.num_heads"),
 ])
 def test_validate_names_the_key(overrides, key, demo_data):
     cfg = load(demo_data, *overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+BAD_CHOICES = [  # (variant, dotted key of a StrEnum choice, a value outside it)
+    ("dense", "logger.mode", "loud"),
+    ("asymoe", "model.moe.hyperbolic.geometry", "sphere"),
+    ("asymoe", "model.moe.evidence.loss_kind", "magic"),
+    ("dense", "engine.precision", "fp16"),
+    ("dense", "model.lm.type", "gpt2"),
+    ("dense", "data.augment", "mixup"),
+]
+
+
+@pytest.mark.parametrize("variant,key,value", BAD_CHOICES)
+def test_unknown_choices_fail_at_compose_time_naming_the_key_and_the_choices(variant, key, value, demo_data):
+    with pytest.raises(ConfigCompositionException) as info:
+        load(demo_data, f"model/moe={variant}", f"{key}={value}")
+    cause = str(info.value.__cause__)
+    assert f"full_key: {key}" in cause and f"Invalid value '{value}', expected one of [" in cause
+
+
+@pytest.mark.parametrize("variant,key,value", BAD_CHOICES)
+def test_validate_names_bad_choices_of_configs_built_in_python(variant, key, value, demo_data):
+    cfg = load(demo_data, f"model/moe={variant}")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)  # a dataclass attribute: nothing checks it until validate
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
 

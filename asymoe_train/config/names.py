@@ -1,33 +1,118 @@
 """The allowed values of the config's string-valued choices: one definition each.
 
-Validation checks config values against these, and the layers that act on a value (the expert registry, the
-backbone builders, the conversation templates, the trainable groups) key their tables by them, so a new choice is
-added here first. Plain tuples and dicts, no imports: every layer may import this module.
+Each choice is a :class:`~enum.StrEnum`, the type of its schema field, so OmegaConf rejects an unknown value at
+compose time, naming the key and the allowed values; members compare and hash equal to their strings, so code reads
+them as plain strings. The ``*_TYPES``-style tuples list the same values as plain strings for the layers that key
+their tables by them (the expert registry, the backbone builders, the conversation templates) and for error messages.
+Only the standard library is imported: every layer may import this module.
 """
 
 from __future__ import annotations
 
-# model.vision.type / model.lm.type: the Hugging Face architectures the backbone builders know
-VISION_TYPES = ("siglip", "clip")
-LM_TYPES = ("llama", "qwen2", "mistral", "phi3")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # model.lm.attn_implementation
+from enum import StrEnum
 
-# model.moe.*
-EXPERT_TYPES = ("ffn", "evidence", "hyperbolic")  # model.moe.pools.<i>.expert
-HYPERBOLIC_GEOMETRIES = ("lorentz", "poincare")  # model.moe.hyperbolic.geometry: hyperboloid | ball
-CONE_PARENTS = ("vision", "text")  # model.moe.hyperbolic.cone_parent
-EVIDENCE_LOSS_KINDS = ("routing", "counterfactual")  # model.moe.evidence.loss_kind
-MOE_BACKENDS = ("native", "deepspeed")  # model.moe.backend
-EXPERT_COMPUTE_MODES = ("auto", "grouped", "loop")  # model.moe.expert_compute (asymoe_train.moe.grouped)
-MODALITIES = ("text", "image")  # model.moe.routers.<i>.modalities: the token modalities a router serves
 
-# data.*
+def values(choice: type[StrEnum]) -> tuple[str, ...]:
+    """A choice's allowed values as plain strings, in declaration order."""
+    return tuple(member.value for member in choice)
+
+
+class VisionType(StrEnum):  # model.vision.type: the Hugging Face vision towers the backbone builders know
+    siglip = "siglip"
+    clip = "clip"
+
+
+class LMType(StrEnum):  # model.lm.type: the Hugging Face causal LMs the backbone builders know
+    llama = "llama"
+    qwen2 = "qwen2"
+    mistral = "mistral"
+    phi3 = "phi3"
+
+
+class AttnImplementation(StrEnum):  # model.lm.attn_implementation
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+class ExpertType(StrEnum):  # model.moe.pools.<i>.expert
+    ffn = "ffn"
+    evidence = "evidence"
+    hyperbolic = "hyperbolic"
+
+
+class HyperbolicGeometry(StrEnum):  # model.moe.hyperbolic.geometry: hyperboloid | ball
+    lorentz = "lorentz"
+    poincare = "poincare"
+
+
+class ConeParent(StrEnum):  # model.moe.hyperbolic.cone_parent
+    vision = "vision"
+    text = "text"
+
+
+class EvidenceLossKind(StrEnum):  # model.moe.evidence.loss_kind
+    routing = "routing"
+    counterfactual = "counterfactual"
+
+
+class MoEBackend(StrEnum):  # model.moe.backend
+    native = "native"
+    deepspeed = "deepspeed"
+
+
+class ExpertCompute(StrEnum):  # model.moe.expert_compute (asymoe_train.moe.grouped)
+    auto = "auto"
+    grouped = "grouped"
+    loop = "loop"
+
+
+class Modality(StrEnum):  # model.moe.routers.<i>.modalities: the token modalities a router serves
+    text = "text"
+    image = "image"
+
+
+class Template(StrEnum):  # data.template: auto | chat (the tokenizer's) | a plain-text template by name
+    auto = "auto"
+    chat = "chat"
+    plain = "plain"
+
+
+class Augmentation(StrEnum):  # data.augment
+    none = "none"
+    dihedral = "dihedral"
+
+
+class Precision(StrEnum):  # engine.precision
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LoggerMode(StrEnum):  # logger.mode
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+VISION_TYPES = values(VisionType)
+LM_TYPES = values(LMType)
+ATTN_IMPLEMENTATIONS = values(AttnImplementation)
+EXPERT_TYPES = values(ExpertType)
+HYPERBOLIC_GEOMETRIES = values(HyperbolicGeometry)
+CONE_PARENTS = values(ConeParent)
+EVIDENCE_LOSS_KINDS = values(EvidenceLossKind)
+MOE_BACKENDS = values(MoEBackend)
+EXPERT_COMPUTE_MODES = values(ExpertCompute)
+MODALITIES = values(Modality)
+TEMPLATES = values(Template)
+NAMED_TEMPLATES = tuple(t for t in TEMPLATES if t not in ("auto", "chat"))  # asymoe_train.data.conversation.TEMPLATES
+AUGMENTATIONS = values(Augmentation)
+PRECISIONS = values(Precision)
+LOGGER_MODES = values(LoggerMode)
+
 IMAGE_PLACEHOLDER = "<image>"  # where a conversation puts its image; expanded to the image tokens
-NAMED_TEMPLATES = ("plain",)  # plain-text conversation templates (asymoe_train.data.conversation.TEMPLATES)
-TEMPLATES = ("auto", "chat", *NAMED_TEMPLATES)  # data.template
-AUGMENTATIONS = ("none", "dihedral")  # data.augment
 
-# curriculum.stages.<s>.trainable: group name -> what it holds (``experts.<pool>`` names one pool)
+# curriculum.stages.<s>.trainable: group name -> what it holds (``experts.<pool>`` names one pool, so this list stays
+# plain strings checked by validate)
 TRAINABLE_GROUPS = {
     "vision": "the vision tower",
     "projector": "the vision-to-LM projector",
@@ -39,8 +124,4 @@ TRAINABLE_GROUPS = {
     "routers": "MoE routers",
 }
 
-# engine.* / logger.* / resume
-PRECISIONS = ("fp32", "bf16")
-ZERO_STAGES = (0, 1, 2)  # ZeRO-3 is rejected until proven for MoE
-LOGGER_MODES = ("offline", "online", "disabled")
-RESUME_MODES = ("none", "auto")  # or a checkpoint directory
+ZERO_STAGES = (0, 1, 2)  # engine.zero_stage; ZeRO-3 is rejected until proven for MoE

@@ -4,9 +4,10 @@ Every YAML under ``conf/`` is merged onto these schemas, so a misspelt key or a 
 compose time, naming the key. Fields are documented where they are declared. Cross-field rules (divisibility,
 references between groups, files on disk) live in :mod:`asymoe_train.config.validate`.
 
-String-valued choices are ``str`` fields whose allowed values are defined once in :mod:`asymoe_train.config.names`
-and checked by ``validate``: OmegaConf 2.3 rejects ``Literal`` annotations, and an ``Enum`` field would fail at
-compose time without the dotted key and fix that ``validate`` reports.
+String-valued choices are ``StrEnum`` fields defined once in :mod:`asymoe_train.config.names` (OmegaConf 2.3 rejects
+``Literal`` annotations): an unknown value fails at compose time with the dotted key and the allowed values, and the
+members read as plain strings. ``validate`` checks them again for configs built in Python, where dataclasses check
+nothing. Choices that also take free text (``resume``: a directory; ``trainable``: ``experts.<pool>``) stay ``str``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+from asymoe_train.config.names import (
+    AttnImplementation,
+    Augmentation,
+    ConeParent,
+    EvidenceLossKind,
+    ExpertCompute,
+    ExpertType,
+    HyperbolicGeometry,
+    LMType,
+    LoggerMode,
+    Modality,
+    MoEBackend,
+    Precision,
+    Template,
+    VisionType,
+)
 
 
 @dataclass(kw_only=True)
@@ -31,7 +49,7 @@ class BackboneConfig:
 class VisionConfig:
     """Vision tower architecture (the checkpoint's when ``model.backbone.vision_path`` is set)."""
 
-    type: str = "siglip"  # siglip | clip
+    type: VisionType = VisionType.siglip
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 128
@@ -48,7 +66,7 @@ class LMConfig:
     """Language model architecture: a Hugging Face Llama-family causal LM (the checkpoint's when
     ``model.backbone.lm_path`` is set)."""
 
-    type: str = "llama"  # llama | qwen2 | mistral | phi3
+    type: LMType = LMType.llama
     vocab_size: int = 0  # embedding rows; 0 = the tokenizer's vocabulary (a larger tokenizer grows the embeddings)
     hidden_size: int = 128
     num_layers: int = 4
@@ -58,7 +76,7 @@ class LMConfig:
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
 
 
 @dataclass(kw_only=True)
@@ -73,7 +91,7 @@ class PoolConfig:
     """A pool of experts of one type inside every MoE slot."""
 
     name: str = MISSING
-    expert: str = "ffn"  # expert type: one of asymoe_train.config.names.EXPERT_TYPES
+    expert: ExpertType = ExpertType.ffn
     num_experts: int = MISSING
     width: int = 1  # hidden width of each expert in multiples of the dense FFN's (ffn experts only); upcycling a
     # wider expert duplicates the FFN's hidden units and halves their output weights, so it still equals the FFN
@@ -84,7 +102,7 @@ class RouterConfig:
     """A router: which token modalities it serves and which pools it can reach (the reach-table row)."""
 
     name: str = MISSING
-    modalities: list[str] = field(default_factory=list)  # subset of [text, image]
+    modalities: list[Modality] = field(default_factory=list)  # subset of [text, image]
     pools: list[str] = field(default_factory=list)
 
 
@@ -92,12 +110,12 @@ class RouterConfig:
 class HyperbolicConfig:
     """Hyperbolic inter-modality experts (pools with ``expert: hyperbolic``)."""
 
-    geometry: str = "lorentz"  # lorentz (hyperboloid) | poincare (ball)
+    geometry: HyperbolicGeometry = HyperbolicGeometry.lorentz  # lorentz (hyperboloid) | poincare (ball)
     init_scale: float = 0.0  # learnable pre-scale before the exp map; 0 = the expert module's default
     curvature_init: float = 1.0  # c of the curvature -c, learnable per layer (stored as log c)
     curvature_min: float = 0.1
     curvature_max: float = 10.0
-    cone_parent: str = "vision"  # entailment cone of L_order: whose pooled point is the parent (vision | text)
+    cone_parent: ConeParent = ConeParent.vision  # entailment cone of L_order: whose pooled point is the parent (vision | text)
     cone_aperture: float = 0.1  # MERU's aperture constant K
 
 
@@ -109,7 +127,7 @@ class EvidenceConfig:
     num_heads: int = 4  # heads of the evidence cross-attention
     alpha_init: float = 0.5  # initial gate alpha = sigmoid(a) between memory and evidence branches
     beta: float = 1.0  # weight of the evidence score s_evd added to the EP experts' router logits
-    loss_kind: str = "routing"  # L_evd: routing (BCE of EP routed mass vs s_evd) | counterfactual
+    loss_kind: EvidenceLossKind = EvidenceLossKind.routing  # L_evd: routing (BCE of EP routed mass vs s_evd) | counterfactual
     counterfactual_every: int = 10  # counterfactual L_evd: every N optimizer steps
     counterfactual_margin: float = 1.0  # hinge margin on the answer log-likelihood gap (real vs masked image)
 
@@ -129,12 +147,12 @@ class MoEConfig:
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     # native: this block with dropless dispatch (local, or all-to-all under expert parallelism) | deepspeed:
     # DeepSpeed's deepspeed.moe.layer.MoE (vanilla variant only, top_k >= 2, drop_tokens=False), for comparison
-    backend: str = "native"
+    backend: MoEBackend = MoEBackend.native
     # How expert pools run their per-expert matmuls (config.names.EXPERT_COMPUTE_MODES): auto (one torch._grouped_mm per matmul for bf16 on CUDA, with
     # the token counts kept on the device; the per-expert loop otherwise) | grouped (the grouped kernel wherever its
     # operands allow it, fp32 and CPU included) | loop (one matmul per expert, the reference). Same numbers either
     # way, to rounding.
-    expert_compute: str = "auto"
+    expert_compute: ExpertCompute = ExpertCompute.auto
 
 
 @dataclass(kw_only=True)
@@ -200,7 +218,7 @@ class DataConfig:
     # with `chat_template`), else plain | chat = the tokenizer's chat template (an error without one) | a named
     # template of asymoe_train.data.conversation.TEMPLATES (plain: "<s>USER: q\nASSISTANT: a</s>"). Either way only
     # answers and their end-of-turn token are supervised, and <image> expands to the image tokens
-    template: str = "auto"
+    template: Template = Template.auto
     split_turns: bool = True  # one sequence per QA turn, turns of an image share its encoding
     max_length: int = 128  # sequences longer than this are skipped and counted
     # Training batches pack their sequences into rows of at most max_length positions (first-fit, longest first, at
@@ -219,7 +237,7 @@ class DataConfig:
     answer_balance_max: float = 10.0
     # Training-image augmentation: none | dihedral (a random one of the 8 flips/90-degree rotations; only for data
     # whose answers do not depend on orientation, such as easy-vqa's shapes and colours). Eval is never augmented.
-    augment: str = "none"
+    augment: Augmentation = Augmentation.none
     resampled: bool = True  # draw shards with replacement per rank and worker (balanced, endless); False = split
     # the shard list by rank, then by DataLoader worker, and loop over it epoch after epoch
     shuffle_buffer: int = 2000
@@ -288,7 +306,7 @@ class EngineConfig:
     """DeepSpeed engine settings."""
 
     zero_stage: int = 0  # 0-2 (3 is rejected until proven for MoE)
-    precision: str = "fp32"  # fp32 | bf16
+    precision: Precision = Precision.fp32
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -302,7 +320,7 @@ class EngineConfig:
 class LoggerConfig:
     """Weights & Biases (rank 0 only) and the console."""
 
-    mode: str = "offline"  # offline | online | disabled
+    mode: LoggerMode = LoggerMode.offline  # offline | online | disabled
     project: str = "asymoe_train"
     entity: str = ""
     log_every: int = 10  # optimizer steps between logged metrics
