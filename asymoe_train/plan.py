@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from asymoe_train.config.derive import (
     global_batch,
     image_tokens_per_image,
-    resolve_schedule,
+    resolve,
     steps_per_epoch,
 )
 from asymoe_train.config.errors import ConfigError
@@ -240,7 +240,7 @@ def plan_command(args: list[str]) -> str:
     cfg = compose_config(overrides)
     changes = sync_backbone_sizes(cfg.model)
     validate(cfg, world_size, files=False)
-    changes += resolve_schedule(cfg, world_size)
+    changes += resolve(cfg, world_size)
     text = format_plan(make_plan(cfg, world_size))
     if changes:
         text += "\nderived: " + "; ".join(changes)

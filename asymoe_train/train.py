@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from asymoe_train.config import to_typed, validate
-from asymoe_train.config.derive import resolve_schedule
+from asymoe_train.config.derive import resolve
 from asymoe_train.distributed.engine import init_distributed, shared_run_dir, world
 from asymoe_train.models.backbones import sync_backbone_sizes
 
@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> dict:
     rank, world_size = world()
     changes = sync_backbone_sizes(typed.model)  # a checkpoint's config.json wins over the sizes in the config
     validate(typed, world_size)  # before any process group or model exists
-    changes += resolve_schedule(typed, world_size)  # steps from epochs, grad_accum from global batch, warm-up ratio
+    changes += resolve(typed, world_size)  # schedules, layer lists and source mixtures, parsed once here
     if rank == 0:
         for change in changes:
             log.info("derived %s", change)

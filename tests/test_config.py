@@ -136,3 +136,45 @@ def test_cli_prints_the_resolved_config():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "experiment: demo" in proc.stdout and "variant: asymoe" in proc.stdout
+
+
+def test_resolve_parses_layer_specs_and_sources_once(demo_data, monkeypatch):
+    """After resolve the config holds layer lists and source mixtures; the model and the data streams read them
+    without parsing a spec string again, and the saved config composes back onto the schema."""
+    from omegaconf import OmegaConf
+
+    from asymoe_train.config import derive
+    from asymoe_train.config.schema import TrainConfig
+    from asymoe_train.data import pipeline
+    from asymoe_train.models.vlm import build_model
+
+    cfg = load(demo_data, "experiment=demo", "model/moe=asymoe", "model.moe.evidence.layers=deep_half")
+    validate(cfg)
+    changes = derive.resolve(cfg, world_size=1)
+    assert cfg.model.moe.layers == [1, 3] and cfg.model.moe.evidence.layers == [3]
+    assert "model.moe.layers: odd -> [1, 3]" in changes and "model.moe.evidence.layers: deep_half -> [3]" in changes
+    assert cfg.data.sources["qa"] == {"qa": {"glob": "qa-train-*.tar", "weight": 1.0}}
+    assert derive.resolve(cfg, world_size=1) == []  # resolving twice changes nothing
+
+    layer_list, source_parts = derive._layer_list, pipeline.source_parts
+
+    def no_strings(key, spec, *args):
+        assert not isinstance(spec, str), f"{key}={spec!r} parsed after resolve"
+        return layer_list(key, spec, *args)
+
+    def no_globs(key, value):
+        assert not isinstance(value, str), f"{key}={value!r} parsed after resolve"
+        return source_parts(key, value)
+
+    monkeypatch.setattr(derive, "_layer_list", no_strings)
+    monkeypatch.setattr(pipeline, "source_parts", no_globs)
+    model = build_model(cfg.model, 64, 0)
+    model.upcycle()
+    assert model.moe_layers == [1, 3]
+    assert [i for i in model.moe_layers if "evidence" in model.layers[i].mlp.pools] == [3]
+    spec = pipeline.stream_spec(cfg.data, cfg.data.sources["qa"], seed=0)
+    assert spec.urls and not spec.mixture
+
+    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(OmegaConf.to_yaml(
+        OmegaConf.structured(cfg))))
+    assert to_typed(saved).model.moe.layers == [1, 3]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from asymoe_train.config.derive import resolve_schedule
+from asymoe_train.config.derive import resolve
 from asymoe_train.config.validate import ConfigError, validate
 from asymoe_train.plan import ParamSplit, compose_config, memory_per_gpu, plan_command
 
@@ -165,7 +165,7 @@ def test_three_stage_curriculum_upcycles_in_its_last_stage():
 def test_epochs_and_global_batch_resolve_per_world_size():
     cfg = compose_config(["experiment=asymoe_phi3_mini"])
     validate(cfg, world_size=4, files=False)
-    resolve_schedule(cfg, world_size=4)
+    resolve(cfg, world_size=4)
     instruct = cfg.curriculum.stages["instruct"]
     assert instruct.grad_accum == 128 // (8 * 4)
     assert instruct.steps == math.ceil(665298 / 128) and instruct.warmup_steps == math.ceil(0.03 * instruct.steps)

@@ -1,46 +1,43 @@
-"""Numbers derived from a config (no torch, no model): pure functions, plus :func:`resolve_schedule`, which writes
-a stage's derived schedule into the config once it has been validated."""
+"""Numbers derived from a config (no torch, no model): pure functions, plus :func:`resolve`, which writes what is
+derived (schedules, layer lists, source mixtures) into the config once it has been validated."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from asymoe_train.config.schema import DataConfig, MoEConfig, StageConfig, TrainConfig, VisionConfig
+from asymoe_train.config.sources import source_parts
 
 
-def moe_layer_indices(spec: str, num_layers: int) -> list[int]:
-    """0-based decoder layers whose FFN is an MoE slot: ``odd``, ``even``, ``all`` or ``"1,3"``."""
-    named = {
-        "odd": list(range(1, num_layers, 2)),
-        "even": list(range(0, num_layers, 2)),
-        "all": list(range(num_layers)),
-    }
-    if spec in named:
-        return named[spec]
+def _layer_list(key: str, spec: str | Sequence[int], named: Mapping[str, list[int]], forms: str) -> list[int]:
+    """A layer spec as sorted unique indices: a name of ``named``, a comma-separated string or (once resolved) a
+    list of indices; a ValueError names ``key`` otherwise."""
+    if isinstance(spec, str) and spec in named:
+        return list(named[spec])
     try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(
-            f"model.moe.layers={spec!r} is not odd|even|all or a comma-separated list of layer indices"
-        ) from None
+        parts = spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, int) else list(spec)
+        return sorted({int(part) for part in parts if str(part).strip()})
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={spec!r} is not {forms} or a comma-separated list of layer indices") from None
+
+
+def moe_layer_indices(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """0-based decoder layers whose FFN is an MoE slot: ``odd``, ``even``, ``all``, ``"1,3"`` or (as
+    :func:`resolve` leaves it) a list of indices."""
+    named = {"odd": list(range(1, num_layers, 2)), "even": list(range(0, num_layers, 2)), "all": list(range(num_layers))}
+    layers = _layer_list("model.moe.layers", spec, named, "odd|even|all")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
         raise ValueError(f"model.moe.layers={spec!r} names layers {bad or 'none'}; the LM has layers 0..{num_layers - 1}")
     return layers
 
 
-def evidence_layer_indices(spec: str, moe_layers: list[int]) -> list[int]:
-    """MoE layers that carry evidence-priority experts: ``all``, ``deep_half`` (the deeper half of the MoE layers)
-    or comma-separated layer indices (each must be an MoE layer)."""
-    if spec == "all":
-        return list(moe_layers)
-    if spec == "deep_half":
-        return moe_layers[len(moe_layers) // 2 :]
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"model.moe.evidence.layers={spec!r} is not all|deep_half or a list of layer indices") from None
+def evidence_layer_indices(spec: str | Sequence[int], moe_layers: list[int]) -> list[int]:
+    """MoE layers that carry evidence-priority experts: ``all``, ``deep_half`` (the deeper half of the MoE layers),
+    comma-separated layer indices or (as :func:`resolve` leaves it) a list; each must be an MoE layer."""
+    named = {"all": list(moe_layers), "deep_half": moe_layers[len(moe_layers) // 2 :]}
+    layers = _layer_list("model.moe.evidence.layers", spec, named, "all|deep_half")
     bad = [i for i in layers if i not in moe_layers]
     if bad or not layers:
         raise ValueError(f"model.moe.evidence.layers={spec!r}: {bad or 'none'} not among the MoE layers {moe_layers}")
@@ -100,17 +97,39 @@ def stage_warmup(stage: StageConfig, steps: int) -> int:
     return math.ceil(stage.warmup_ratio * steps) if stage.warmup_ratio > 0 else stage.warmup_steps
 
 
-def resolve_schedule(cfg: TrainConfig, world_size: int) -> list[str]:
-    """Write every stage's derived ``grad_accum``, ``steps`` and ``warmup_steps`` into ``cfg`` (in place, after
-    :func:`~asymoe_train.config.validate.validate`), so the trainer reads plain numbers; returns what changed."""
+def resolve(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Write what is derived from a validated config into it (in place, after
+    :func:`~asymoe_train.config.validate.validate`), so every later reader takes plain values and nothing parses a
+    spec twice: each stage's ``grad_accum``, ``steps`` and ``warmup_steps``; ``model.moe.layers`` and (with evidence
+    pools) ``model.moe.evidence.layers`` as lists of layer indices; every ``data.sources`` value as its mixture
+    ``{component: {glob, weight}}`` (a single glob becomes one component named after the source). Returns what
+    changed, one ``key: old -> new`` line each."""
     changed = []
+
+    def put(node, key: str, path: str, value) -> None:
+        old = node[key] if isinstance(node, dict) else getattr(node, key)
+        if old != value:
+            changed.append(f"{path}: {old} -> {value}")
+            if isinstance(node, dict):
+                node[key] = value
+            else:
+                setattr(node, key, value)
+
     for name, stage in cfg.curriculum.stages.items():
         accum = stage_grad_accum(stage, world_size)
         steps = stage_steps(stage, cfg.data, world_size)
         assert steps is not None, f"stage {name}: validate() first"
         values = {"grad_accum": accum, "steps": steps, "warmup_steps": stage_warmup(stage, steps)}
         for key, value in values.items():
-            if getattr(stage, key) != value:
-                changed.append(f"curriculum.stages.{name}.{key}: {getattr(stage, key)} -> {value}")
-                setattr(stage, key, value)
+            put(stage, key, f"curriculum.stages.{name}.{key}", value)
+    moe = cfg.model.moe
+    layers = moe_layer_indices(moe.layers, cfg.model.lm.num_layers)
+    put(moe, "layers", "model.moe.layers", layers)
+    if any(pool.expert == "evidence" for pool in moe.pools):
+        put(moe.evidence, "layers", "model.moe.evidence.layers", evidence_layer_indices(moe.evidence.layers, layers))
+    for name, value in list(cfg.data.sources.items()):
+        mixture = {part.name or name: {"glob": part.glob, "weight": part.weight}
+                   for part in source_parts(f"data.sources.{name}", value)}
+        if mixture != value:  # a mixture as written stays as it is
+            cfg.data.sources[name] = mixture
     return changed

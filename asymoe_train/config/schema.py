@@ -123,7 +123,7 @@ class HyperbolicConfig:
 class EvidenceConfig:
     """Evidence-priority language experts (pools with ``expert: evidence``)."""
 
-    layers: str = "all"  # MoE layers that carry EP experts: all | deep_half | comma-separated layer indices
+    layers: Any = "all"  # MoE layers that carry EP experts: all | deep_half | "1,3" | [1, 3] (resolve: a list)
     num_heads: int = 4  # heads of the evidence cross-attention
     alpha_init: float = 0.5  # initial gate alpha = sigmoid(a) between memory and evidence branches
     beta: float = 1.0  # weight of the evidence score s_evd added to the EP experts' router logits
@@ -137,7 +137,7 @@ class MoEConfig:
     """The parameterised MoE block that replaces the FFN in MoE layers (variants are settings of this one block)."""
 
     variant: str = "dense"  # name shown in logs; the behaviour comes from pools and routers
-    layers: str = "odd"  # odd | even | all | comma-separated 0-based indices, e.g. "1,3"
+    layers: Any = "odd"  # odd | even | all | 0-based indices "1,3" or [1, 3]; config.derive.resolve makes it a list
     top_k: int = 2  # experts per token (renormalised top-k over the router's reachable experts)
     pools: list[PoolConfig] = field(default_factory=list)  # empty = dense: FFN slots stay the backbone's MLP
     routers: list[RouterConfig] = field(default_factory=list)
