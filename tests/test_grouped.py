@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_asymoe import asymoe_cfg
+from test_asymoe import asymoe_cfg, asymoe_paper_cfg
 from test_moe import variant
 from torch.overrides import TorchFunctionMode
 
@@ -124,9 +124,11 @@ def test_hyperbolic_pool_grouped_equals_loop(geometry, counts):
     assert_same(*run_both(pool, counts))
 
 
+@pytest.mark.parametrize("form", ["additive", "paper"])
 @pytest.mark.parametrize("counts", COUNTS)
-def test_evidence_pool_grouped_equals_loop(counts):
-    assert_same(*run_both(randomised(EvidenceExperts(3, D, F, num_heads=4)), counts, with_evidence=True))
+def test_evidence_pool_grouped_equals_loop(counts, form):
+    pool = EvidenceExperts(3, D, F, num_heads=4, form=form)
+    assert_same(*run_both(randomised(pool), counts, with_evidence=True))
 
 
 def dense_prepare(pool: EvidenceExperts, x_TD: torch.Tensor, ctx: TokenContext) -> EvidencePrep:
@@ -184,12 +186,14 @@ def test_fused_evidence_attention_equals_dense_probabilities():
 
 def block_cfg(name: str) -> MoEConfig:
     """The variants of tests/test_moe.py and tests/test_asymoe.py (``asymoe_poincare``: the ball geometry)."""
+    if name == "asymoe_paper":
+        return asymoe_paper_cfg()
     if name.startswith("asymoe"):
         return asymoe_cfg("poincare" if name.endswith("poincare") else "lorentz")
     return variant(name)
 
 
-VARIANTS = ["vanilla", "moiie", "asymoe", "asymoe_poincare"]
+VARIANTS = ["vanilla", "moiie", "asymoe", "asymoe_poincare", "asymoe_paper"]
 
 
 def block_inputs(seed: int = 0):

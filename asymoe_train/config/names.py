@@ -50,9 +50,25 @@ class ConeParent(StrEnum):  # model.moe.hyperbolic.cone_parent
     text = "text"
 
 
+class ConeForm(StrEnum):  # model.moe.hyperbolic.cone_form: MERU's cone | the AsyMoE paper's (eqs. 15-17)
+    meru = "meru"
+    paper = "paper"
+
+
+class EvidenceForm(StrEnum):  # model.moe.evidence.form: our first reading | the AsyMoE paper's expert (eqs. 7-9)
+    additive = "additive"
+    paper = "paper"
+
+
+class EvidenceScore(StrEnum):  # model.moe.evidence.score: attention mass on context | learned (eq. 20)
+    attention_mass = "attention_mass"
+    learned = "learned"
+
+
 class EvidenceLossKind(StrEnum):  # model.moe.evidence.loss_kind
     routing = "routing"
     counterfactual = "counterfactual"
+    none = "none"  # no L_evd: the AsyMoE paper's loss (eq. 21)
 
 
 class MoEBackend(StrEnum):  # model.moe.backend
@@ -99,6 +115,9 @@ ATTN_IMPLEMENTATIONS = values(AttnImplementation)
 EXPERT_TYPES = values(ExpertType)
 HYPERBOLIC_GEOMETRIES = values(HyperbolicGeometry)
 CONE_PARENTS = values(ConeParent)
+CONE_FORMS = values(ConeForm)
+EVIDENCE_FORMS = values(EvidenceForm)
+EVIDENCE_SCORES = values(EvidenceScore)
 EVIDENCE_LOSS_KINDS = values(EvidenceLossKind)
 MOE_BACKENDS = values(MoEBackend)
 EXPERT_COMPUTE_MODES = values(ExpertCompute)

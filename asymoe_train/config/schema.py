@@ -20,8 +20,11 @@ from omegaconf import MISSING
 from asymoe_train.config.names import (
     AttnImplementation,
     Augmentation,
+    ConeForm,
     ConeParent,
+    EvidenceForm,
     EvidenceLossKind,
+    EvidenceScore,
     ExpertCompute,
     ExpertType,
     HyperbolicGeometry,
@@ -115,8 +118,13 @@ class HyperbolicConfig:
     curvature_init: float = 1.0  # c of the curvature -c, learnable per layer (stored as log c)
     curvature_min: float = 0.1
     curvature_max: float = 10.0
+    learn_curvature: bool = True  # false: c stays at curvature_init (a buffer, not a parameter; the paper fixes 1)
     cone_parent: ConeParent = ConeParent.vision  # entailment cone of L_order: whose pooled point is the parent (vision | text)
-    cone_aperture: float = 0.1  # MERU's aperture constant K
+    cone_aperture: float = 0.1  # the aperture constant K of either cone form
+    # L_order's cone: meru (half-aperture asin(2K / (sqrt(c)|x|)), MERU's exterior angle) | paper (AsyMoE 2026,
+    # eqs. 15-17: psi(v) = asin(2K / (1 + K c|v|^2)), xi(v, t) = acos(<v, t>_L / (|v| |t|)), |.| the norm of the
+    # space coordinates)
+    cone_form: ConeForm = ConeForm.meru
 
 
 @dataclass(kw_only=True)
@@ -125,9 +133,21 @@ class EvidenceConfig:
 
     layers: Any = "all"  # MoE layers that carry EP experts: all | deep_half | "1,3" | [1, 3] (resolve: a list)
     num_heads: int = 4  # heads of the evidence cross-attention
-    alpha_init: float = 0.5  # initial gate alpha = sigmoid(a) between memory and evidence branches
+    # How an EP expert fuses its branches: additive = FFN(h) + alpha * W_o Attn(h, c),
+    # one learnable alpha per expert, W_o zero at init | paper = alpha(h) * FFN(h) + (1 - alpha(h)) * FFN_evd([h;
+    # Attn(h, c)]) (AsyMoE 2026, eqs. 7-9), a per-token gate alpha(h) = sigmoid(w_a . h + b_a) and an evidence FFN of
+    # the backbone's MLP form over the concatenation, upcycled with the dense FFN on the h half and zeros on the
+    # context half, so a fresh expert equals the FFN whatever alpha is
+    form: EvidenceForm = EvidenceForm.additive
+    alpha_init: float = 0.5  # initial gate alpha: sigmoid(a) (additive), sigmoid(b_a) with w_a = 0 (paper)
+    # The evidence score s_evd: attention_mass = the head-averaged attention mass on
+    # context (a read-out, detached from routing) | learned = sigmoid(w_evd . Attn(h, c)) (AsyMoE 2026, eq. 20; w_evd
+    # starts at zero, trained through the text router)
+    score: EvidenceScore = EvidenceScore.attention_mass
     beta: float = 1.0  # weight of the evidence score s_evd added to the EP experts' router logits
-    loss_kind: EvidenceLossKind = EvidenceLossKind.routing  # L_evd: routing (BCE of EP routed mass vs s_evd) | counterfactual
+    # L_evd: routing (BCE of EP routed mass vs s_evd) | counterfactual | none (no L_evd whatever the stages'
+    # losses.evd: the paper's loss, eq. 21, L_lm + l1 L_order + l2 L_balance)
+    loss_kind: EvidenceLossKind = EvidenceLossKind.routing
     counterfactual_every: int = 10  # counterfactual L_evd: every N optimizer steps
     counterfactual_margin: float = 1.0  # hinge margin on the answer log-likelihood gap (real vs masked image)
 

@@ -18,8 +18,11 @@ from asymoe_train.config.errors import ConfigError
 from asymoe_train.config.names import (
     ATTN_IMPLEMENTATIONS,
     AUGMENTATIONS,
+    CONE_FORMS,
     CONE_PARENTS,
+    EVIDENCE_FORMS,
     EVIDENCE_LOSS_KINDS,
+    EVIDENCE_SCORES,
     EXPERT_COMPUTE_MODES,
     EXPERT_TYPES,
     HYPERBOLIC_GEOMETRIES,
@@ -165,6 +168,7 @@ def _validate_model(cfg: TrainConfig) -> None:
         hyp = moe.hyperbolic
         _choice("model.moe.hyperbolic.geometry", hyp.geometry, HYPERBOLIC_GEOMETRIES)
         _choice("model.moe.hyperbolic.cone_parent", hyp.cone_parent, CONE_PARENTS)
+        _choice("model.moe.hyperbolic.cone_form", hyp.cone_form, CONE_FORMS)
         if not 0 < hyp.curvature_min <= hyp.curvature_init <= hyp.curvature_max:
             raise ConfigError(
                 "model.moe.hyperbolic: need 0 < curvature_min <= curvature_init <= curvature_max, got "
@@ -173,6 +177,8 @@ def _validate_model(cfg: TrainConfig) -> None:
     if "evidence" in kinds:
         ev = moe.evidence
         _choice("model.moe.evidence.loss_kind", ev.loss_kind, EVIDENCE_LOSS_KINDS)
+        _choice("model.moe.evidence.form", ev.form, EVIDENCE_FORMS)
+        _choice("model.moe.evidence.score", ev.score, EVIDENCE_SCORES)
         _positive("model.moe.evidence.counterfactual_every", ev.counterfactual_every)
         if lm.hidden_size % ev.num_heads:
             raise ConfigError(

@@ -216,9 +216,12 @@ class MoEBlock(nn.Module):
             if context_pools:
                 bias_TR = x_TD.new_zeros((num_tokens, len(self.reach(name))), dtype=torch.float32)
                 for pool, col, num in context_pools:
-                    # detached: s_evd is a read-out of the evidence attention (trained through the evidence branch),
-                    # not something routing losses should reshape
-                    score_T1 = preps[pool].score_T[:, None].detach().float()
+                    # the attention mass is a read-out of the evidence attention (trained through the evidence
+                    # branch), detached so routing losses do not reshape it; a learned score (sigmoid(w_evd . Attn))
+                    # is trained through the router, its only consumer
+                    score_T1 = preps[pool].score_T[:, None].float()
+                    if self.cfg.evidence.score != "learned":
+                        score_T1 = score_T1.detach()
                     bias_TR[:, col : col + num] = self.cfg.evidence.beta * score_T1
             routing = router(x_TD, bias_TR)
             expert_TK = torch.where(served_T[:, None], self.reach(name)[routing.experts_NK], expert_TK)
@@ -263,9 +266,11 @@ class MoEBlock(nn.Module):
                 out.stats[f"{name}/curvature"] = c.detach()
                 if "order" in self.active_losses and ctx is not None:
                     scale = pool.log_scale_E.exp().mean()
-                    out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture)
-            if hasattr(pool, "alpha_E"):  # evidence pool
-                alpha_E = pool.alpha_E.detach()
+                    out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture,
+                                                   hyp.cone_form)
+            if hasattr(pool, "mean_alpha"):  # evidence pool: its gate (paper form: the mean over its routers' tokens)
+                alpha_E = pool.mean_alpha(x_TD, torch.isin(modality_T, torch.tensor(self.query_codes(name),
+                                                                                      device=x_TD.device)))
                 for e in range(alpha_E.shape[0]):
                     out.stats[f"{name}/alpha_e{e}"] = alpha_E[e]
         return out

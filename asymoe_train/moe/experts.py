@@ -76,10 +76,12 @@ def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tenso
 
 class SwiGLUExperts(nn.Module):
     """E SwiGLU FFN experts (the Llama MLP form), weights stacked as ``[E, out, in]`` like ``nn.Linear``;
-    ``num_experts`` is the pool's size, of which ``shard`` says which this process holds."""
+    ``num_experts`` is the pool's size, of which ``shard`` says which this process holds. ``input_size`` (default:
+    ``hidden_size``) is the width of the rows they read, e.g. ``2 * hidden_size`` for the paper-form evidence FFN
+    over ``[h; Attn(h, c)]``; outputs are ``hidden_size`` wide."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
-                 shard: Shard = WHOLE):
+                 shard: Shard = WHOLE, input_size: int = 0):
         super().__init__()
         self.num_global_experts = num_experts
         self.first_expert, num_experts = shard.local(num_experts)
@@ -87,8 +89,9 @@ class SwiGLUExperts(nn.Module):
         self.act_name = act
         self.act = ACT2FN[act]
         self.compute = "auto"  # model.moe.expert_compute: grouped GEMMs or the per-expert loop (moe.grouped)
-        self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        input_size = input_size or hidden_size
+        self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, input_size))
+        self.up_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, input_size))
         self.down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         for weight in (self.gate_EFD, self.up_EFD, self.down_EDF):
             nn.init.normal_(weight, std=0.02)

@@ -277,20 +277,25 @@ def poincare_linear(
 
 
 class Curvature(nn.Module):
-    """A learnable curvature magnitude c > 0 (the manifold's curvature is -c), stored as log c.
+    """A learnable (or, with ``learnable=False``, fixed) curvature magnitude c > 0 (the manifold's curvature is -c),
+    stored as log c.
 
     ``forward()`` returns c clamped to [c_min, c_max] in fp32 (the clamp is on log c, so no overflow however far the
     parameter is pushed). Outside the bounds the gradient is zero, as for any hard clamp. Weight decay on ``log_c``
     would pull c towards 1; leave it out of decay unless that prior is wanted.
     """
 
-    def __init__(self, init: float = 1.0, c_min: float = 0.1, c_max: float = 10.0):
+    def __init__(self, init: float = 1.0, c_min: float = 0.1, c_max: float = 10.0, learnable: bool = True):
         super().__init__()
         if not 0.0 < c_min <= init <= c_max:
             raise ValueError(f"curvature bounds need 0 < c_min <= init <= c_max; got {c_min}, {init}, {c_max}")
         self.c_min, self.c_max = c_min, c_max
         # shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
-        self.log_c = nn.Parameter(torch.tensor([math.log(init)]))
+        log_c = torch.tensor([math.log(init)])
+        if learnable:
+            self.log_c = nn.Parameter(log_c)
+        else:  # fixed curvature (the AsyMoE paper's -1): a buffer, so no optimizer or trainable group can move it
+            self.register_buffer("log_c", log_c)
 
     def forward(self) -> torch.Tensor:
         return self.log_c.float().clamp(math.log(self.c_min), math.log(self.c_max)).exp().squeeze(0)

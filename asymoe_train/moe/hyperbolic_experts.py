@@ -93,6 +93,7 @@ class HyperbolicExperts(nn.Module):
         init_scale: tangent norm of a unit-RMS token at init; the pre-scale is ``init_scale / sqrt(hidden_size)``.
         curvature_init, curvature_min, curvature_max: the pool's curvature c (manifold curvature -c), learnable as
             log c and clamped to [curvature_min, curvature_max].
+        learn_curvature: false keeps c at ``curvature_init`` (a buffer, not a parameter).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class HyperbolicExperts(nn.Module):
         curvature_init: float = 1.0,
         curvature_min: float = 0.1,
         curvature_max: float = 10.0,
+        learn_curvature: bool = True,
         shard: Shard = WHOLE,
     ):
         super().__init__()
@@ -122,7 +124,7 @@ class HyperbolicExperts(nn.Module):
         self.act_name = act
         self.act = ACT2FN[act]
         self.compute = "auto"  # model.moe.expert_compute: the grouped path (module doc) or the per-expert loop
-        self.curvature = Curvature(curvature_init, curvature_min, curvature_max)
+        self.curvature = Curvature(curvature_init, curvature_min, curvature_max, learn_curvature)
         self.log_scale_E = nn.Parameter(torch.full((self.num_global_experts,),
                                                    math.log(init_scale / math.sqrt(hidden_size))))
         self.gate_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))

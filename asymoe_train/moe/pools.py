@@ -18,7 +18,7 @@ def _ffn(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> n
 def _evidence(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
     ev = moe.evidence
     return EvidenceExperts(pool.num_experts, hidden, intermediate, act, num_heads=ev.num_heads,
-                           alpha_init=ev.alpha_init, shard=shard)
+                           alpha_init=ev.alpha_init, shard=shard, form=ev.form, score=ev.score)
 
 
 def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
@@ -26,7 +26,8 @@ def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shar
     kwargs = {"init_scale": hyp.init_scale} if hyp.init_scale > 0 else {}
     return HyperbolicExperts(pool.num_experts, hidden, intermediate, act, geometry=hyp.geometry,
                              curvature_init=hyp.curvature_init, curvature_min=hyp.curvature_min,
-                             curvature_max=hyp.curvature_max, shard=shard, **kwargs)
+                             curvature_max=hyp.curvature_max, learn_curvature=hyp.learn_curvature, shard=shard,
+                             **kwargs)
 
 
 # Expert types a pool can hold, by the name used in config (model.moe.pools.*.expert): builders from
