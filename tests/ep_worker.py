@@ -68,16 +68,21 @@ def variant(name: str) -> MoEConfig:
         "asymoe": [PoolConfig(name="vision", num_experts=2),
                    PoolConfig(name="hyperbolic", expert="hyperbolic", num_experts=2),
                    PoolConfig(name="text", num_experts=2), PoolConfig(name="evidence", expert="evidence", num_experts=2)],
-    }[name]
+    }[name.removesuffix("_paper")]
     routers = {
         "vanilla": [RouterConfig(name="all", modalities=["text", "image"], pools=["experts"])],
         "moiie": [RouterConfig(name="vision", modalities=["image"], pools=["vision", "shared"]),
                   RouterConfig(name="text", modalities=["text"], pools=["text", "shared"])],
         "asymoe": [RouterConfig(name="vision", modalities=["image"], pools=["vision", "hyperbolic"]),
                    RouterConfig(name="text", modalities=["text"], pools=["text", "hyperbolic", "evidence"])],
-    }[name]
+    }[name.removesuffix("_paper")]
+    # asymoe_paper: the asymoe layout (pools of 2, so EP=2 splits them) with the paper's evidence expert, learned
+    # score, fixed curvature and cone (conf/model/moe/asymoe_paper.yaml)
+    paper = name == "asymoe_paper"
+    hyperbolic = HyperbolicConfig(init_scale=0.5, learn_curvature=not paper, cone_form="paper" if paper else "meru")
+    evidence = EvidenceConfig(num_heads=2, **({"form": "paper", "score": "learned", "loss_kind": "none"} if paper else {}))
     return MoEConfig(variant=name, top_k=2, pools=pools, routers=routers, router_init_std=0.5,
-                     hyperbolic=HyperbolicConfig(init_scale=0.5), evidence=EvidenceConfig(num_heads=2))
+                     hyperbolic=hyperbolic, evidence=evidence)
 
 
 def reference_block(cfg: MoEConfig, seed: int) -> MoEBlock:
@@ -186,7 +191,7 @@ def numerics(ep) -> dict:
                     "edp_timeout_s": group_timeout(ep.data_group).total_seconds()}
     # 1. EP=2 against EP=1, same global batch, uneven split (3 sequences on rank 0, 1 on rank 1)
     length = 9
-    for name in ("vanilla", "moiie", "asymoe"):
+    for name in ("vanilla", "moiie", "asymoe", "asymoe_paper"):
         cfg = variant(name)
         reference = reference_block(cfg, seed=1)
         block = parallel_block(reference, cfg, dispatcher)
@@ -216,6 +221,18 @@ def numerics(ep) -> dict:
         trials.append({"variant": name, "seqs": seqs, "kinds": trial_kinds, "length": length, **counts})
     result["trials"] = trials
     result["trials_max_diff"] = worst
+    # asymoe_paper on uneven and zero token counts (a rank without tokens, a text-only rank)
+    paper_worst = 0.0
+    for trial, (seqs, trial_kinds) in enumerate((([0, 2], ["mixed", "mixed"]), ([2, 0], ["text", "mixed"]),
+                                                 ([1, 3], ["text", "image"]))):
+        cfg = variant("asymoe_paper")
+        reference = reference_block(cfg, seed=400 + trial)
+        block = parallel_block(reference, cfg, dispatcher)
+        batch = global_batch(500 + trial, seqs, 8, trial_kinds)
+        start = 0 if rank == 0 else seqs[0] * 8
+        diffs = compare(reference, block, batch, slice(start, start + seqs[rank] * 8), ep)
+        paper_worst = max(paper_worst, diffs["output"], diffs["input_grad"], diffs["param_grad"], diffs["grad_norm"])
+    result["asymoe_paper_trials_max_diff"] = paper_worst
     # 3. DeepSpeed's MoE layer (backend=deepspeed) on uneven batches: no crash, and the native block's outputs
     from asymoe_train.distributed.deepspeed_moe import DeepSpeedMoEBlock
 

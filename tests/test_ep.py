@@ -3,7 +3,7 @@ its two ranks after importing once), each launch under a hard timeout that kills
 (``run_group``), plus in-process checks of partitioning, consolidated weights and validation.
 
 * EP=2 equals EP=1 on the same global batch (outputs, input gradients, every parameter's gradient, the global
-  gradient norm) for vanilla, moiie and asymoe, and over 20 randomized trials of uneven and zero token counts per
+  gradient norm) for vanilla, moiie, asymoe and asymoe_paper, and over 20 randomized trials of uneven and zero token counts per
   rank and per modality; DeepSpeed's MoE layer (``model.moe.backend=deepspeed``) runs the same uneven batches and
   gives the native block's outputs; the whole model trains with EP=2 and ZeRO-2 while one rank's batches hold no
   image;
@@ -153,18 +153,19 @@ def ep_workers() -> dict[int, dict]:
 @pytest.mark.distributed
 def test_ep2_equals_ep1_and_survives_uneven_and_zero_token_counts(ep_workers):
     """EP=2 against EP=1 on the same global batch (outputs, input and parameter gradients, gradient norm within
-    1e-5) for vanilla, moiie and asymoe, 20 randomized trials of uneven and zero token counts, DeepSpeed's MoE layer
+    1e-5) for vanilla, moiie, asymoe and asymoe_paper, 20 randomized trials (and 3 of asymoe_paper) of uneven and zero token counts, DeepSpeed's MoE layer
     on uneven batches, and EP=2 + ZeRO-2 training while one rank's batches hold no image."""
     by_rank = ep_workers
     for rank, result in by_rank.items():
         # the expert groups take engine.ep_timeout_s, not torch's 30-minute default or dist_timeout_s (120 s)
         assert result["ep_timeout_s"] == result["edp_timeout_s"] == 60
-        for name, params in (("vanilla", 4), ("moiie", 11), ("asymoe", 26)):
+        for name, params in (("vanilla", 4), ("moiie", 11), ("asymoe", 26), ("asymoe_paper", 29)):
             diffs = result[name]
             assert diffs["params"] == params
             worst = max(diffs["output"], diffs["input_grad"], diffs["param_grad"], diffs["grad_norm"])
             assert worst < TOLERANCE, (rank, name, diffs)
         assert len(result["trials"]) == 20 and result["trials_max_diff"] < TOLERANCE
+        assert result["asymoe_paper_trials_max_diff"] < TOLERANCE
         assert result["deepspeed_backend_max_diff"] < TOLERANCE
         # a text-only batch on one rank, whole model, EP=2 and ZeRO-2: every step completes
         assert len(result["text_only_losses"]) == 3 and all(0 < x < 20 for x in result["text_only_losses"])
