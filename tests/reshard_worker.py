@@ -80,7 +80,9 @@ def build(layout: dict, ep):
     model.upcycle(torch.Generator().manual_seed(1))
     engine = EngineConfig(ep_size=layout["ep_size"], zero_stage=layout["zero_stage"], precision=layout["precision"],
                           grad_clip=0.0)
-    stage = StageConfig(source="qa", steps=STEPS, lr=1e-2, warmup_steps=2, batch_size=B // layout["world_size"])
+    # the vision tower at a tenth of the lr (its own optimizer group, as curriculum.stages.<s>.lr_scale makes it)
+    stage = StageConfig(source="qa", steps=STEPS, lr=1e-2, warmup_steps=2, batch_size=B // layout["world_size"],
+                        lr_scale={"vision": 0.1})
     return model, build_engine(model, engine, stage, STEPS, ep)
 
 
@@ -123,12 +125,25 @@ def reference_state(engine, model, ep) -> dict[str, torch.Tensor] | None:
         held[f"fp32/{name}"] = master.detach().float().cpu().clone()
         for key in ("exp_avg", "exp_avg_sq", "step"):
             held[f"{key}/{name}"] = torch.as_tensor(state[key]).detach().float().cpu().clone()
-    lr = torch.tensor(engine.get_lr())
+    lrs = group_lrs(engine)
     if ep is None:
-        return {**held, "lr": lr}
+        return {**held, **lrs}
     experts = {f"{key}/{name}" for name in expert_slices(model) for key in ("fp32", "exp_avg", "exp_avg_sq")}
     full = gather_experts({k: held[k] for k in sorted(experts)}, ep)
-    return {**held, **full, "lr": lr} if dist.get_rank() == 0 else None
+    return {**held, **full, **lrs} if dist.get_rank() == 0 else None
+
+
+def group_lrs(engine) -> dict[str, torch.Tensor]:
+    """``lr/<tag>``: the lr of the optimizer's groups of each lr tag (expert parallelism splits a tag into groups,
+    which must agree), and ``initial_lr/<tag>``, the peak the schedule multiplies."""
+    lrs: dict[str, torch.Tensor] = {}
+    for group in engine.lr_scheduler.optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            value = torch.tensor([float(group[key])])
+            name = f"{key}/{group['lr_group']}"
+            assert name not in lrs or torch.equal(lrs[name], value), (name, lrs[name], value)
+            lrs[name] = value
+    return lrs
 
 
 def compare(state: dict, reference: dict) -> float:
@@ -154,6 +169,7 @@ def run(phase: str, workdir: str, scenario: str, rank: int, world_size: int, ep)
         state = reference_state(engine, model, ep)
         if state is not None:
             result["state_diff"] = compare(state, load_file(os.path.join(workdir, scenario, f"{source}.safetensors")))
+            result["lrs"] = {k: float(v) for k, v in group_lrs(engine).items()}
     losses = {}
     for step in range(first + 1, STEPS + 1):
         losses[step] = train_step(engine, step, rank, world_size, dtype)

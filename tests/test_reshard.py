@@ -3,8 +3,9 @@ ZeRO-2 on both sides, ZeRO-2 <-> ZeRO-0, bf16 ZeRO-1 <-> bf16 ZeRO-0 and fp32 Ze
 (tests/reshard_worker.py: one launch under a hard timeout that kills its process group, whose phases run on 2, 1 and
 2 gloo processes forked from it).
 
-After each resume the optimizer holds exactly the state the writer held (fp32 master weights, Adam moments, step, lr:
-read back with DeepSpeed's own per-parameter API), and the next steps' losses are those of the run that was not
+After each resume the optimizer holds exactly the state the writer held (fp32 master weights, Adam moments, step, and
+the lr of each optimizer group: the vision tower trains at a tenth of the lr, ``lr_scale``; read back with DeepSpeed's
+own per-parameter API), and the next steps' losses are those of the run that was not
 interrupted. Tolerances: the resumed steps run on another layout (another batch split, reduction order and expert
 placement), so they may differ from the reference by that layout's rounding. Measured: fp32 at most 4.8e-7 (one
 float32 ulp at a loss of 5.7), bf16 at most 1.1e-4 (4.2e-4 where one side computes in fp32, the other in bf16); a
@@ -58,8 +59,13 @@ def test_zero_checkpoints_resume_from_two_ranks_ep2_on_one_rank_ep1_and_back(tmp
         ref, resumed, back = train[scenario], one[scenario], two[scenario]
         assert resumed["layout"] == {"world_size": 1, "ep_size": 1, "zero_stage": zero_b, "precision": precision_b}
         assert back["layout"] == {"world_size": 2, "ep_size": 2, "zero_stage": zero_a, "precision": precision_a}
-        # the resumed optimizer holds the writer's state, value for value
+        # the resumed optimizer holds the writer's state, value for value (per-group lrs included)
         assert resumed["state_diff"] == 0.0 and back["state_diff"] == 0.0, scenario
+        # the vision tower's own optimizer group (lr_scale {vision: 0.1}) keeps its lr on the other layout
+        for lrs in (resumed["lrs"], back["lrs"]):
+            assert set(lrs) == {"lr/default", "lr/vision", "initial_lr/default", "initial_lr/vision"}, lrs
+            assert lrs["initial_lr/default"] == pytest.approx(1e-2) and lrs["initial_lr/vision"] == pytest.approx(1e-3)
+            assert lrs["lr/default"] > 0 and lrs["lr/vision"] == pytest.approx(0.1 * lrs["lr/default"]), lrs
         assert sorted(resumed["losses"]) == [4, 5, 6] and sorted(back["losses"]) == [5, 6]
         worst = max([abs(resumed["losses"][s] - ref["losses"][s]) for s in (4, 5, 6)]
                     + [abs(back["losses"][s] - resumed["losses"][s]) for s in (5, 6)])

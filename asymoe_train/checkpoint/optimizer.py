@@ -69,13 +69,29 @@ def optimizer_param_names(optimizer, model: torch.nn.Module) -> list[str] | None
     return None if None in ordered else ordered
 
 
-def _hyper_parameters(groups: list[dict]) -> dict:
-    """The hyper-parameters (lr of the step a checkpoint stopped at, betas, ...) shared by all optimizer groups."""
-    hyper = [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k not in ("params", "name", "moe")}
-             for g in groups]
-    if any(h != hyper[0] for h in hyper):
-        raise ValueError("the checkpoint's optimizer groups have different hyper-parameters; cannot regroup them")
-    return hyper[0]
+def _tag(group: dict) -> str:
+    """An optimizer group's learning-rate tag (``lr_group``: training.groups.optimizer_groups; ``default`` in
+    checkpoints written before groups had one)."""
+    return group.get("lr_group", "default")
+
+
+def _hyper_parameters(groups: list[dict]) -> dict[str, dict]:
+    """The hyper-parameters (lr of the step a checkpoint stopped at, betas, ...) of the checkpoint's optimizer groups
+    by lr tag: every group of a tag (expert parallelism splits one into several) shares them."""
+    by_tag: dict[str, dict] = {}
+    for g in groups:
+        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in g.items()
+                 if k not in ("params", "name", "moe", "lr_group")}
+        if by_tag.setdefault(_tag(g), hyper) != hyper:
+            raise ValueError(f"the checkpoint's optimizer groups of lr group {_tag(g)!r} have different "
+                             "hyper-parameters; cannot regroup them")
+    return by_tag
+
+
+def _hyper_for(by_tag: dict[str, dict], group: dict) -> dict:
+    """The checkpoint's hyper-parameters for an optimizer group of this run: those of its lr tag (a tag the
+    checkpoint lacks takes ``default``'s; the trainer then sets its lr from the config: rebase_schedule)."""
+    return by_tag.get(_tag(group), by_tag.get("default", next(iter(by_tag.values()))))
 
 
 def optimizer_fragments(optimizer, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -203,7 +219,8 @@ def torch_state_dict(optimizer, names: list[str], entries: dict, groups: list[di
     hyper = _hyper_parameters(groups)
     state = {i: {k: v for k, v in entries.get(n, {}).items() if k != "fp32"} for i, n in enumerate(names)}
     state = {i: entry for i, entry in state.items() if entry}
-    return {"state": state, "param_groups": [{**g, **hyper} for g in optimizer.state_dict()["param_groups"]]}
+    return {"state": state, "param_groups": [{**g, **_hyper_for(hyper, g)}
+                                             for g in optimizer.state_dict()["param_groups"]]}
 
 
 def set_optimizer_state(optimizer, model: torch.nn.Module, entries: dict[str, dict[str, torch.Tensor]],
@@ -225,19 +242,25 @@ def set_optimizer_state(optimizer, model: torch.nn.Module, entries: dict[str, di
     deepspeed_optim.set_held_state(optimizer, model, entries)
     hyper = _hyper_parameters(groups)
     for group in deepspeed_optim.base_param_groups(optimizer):
-        group.update(hyper)
+        group.update(_hyper_for(hyper, group))
 
 
-def reshard_scheduler_state(state: dict, num_groups: int) -> dict:
-    """An lr-schedule state for ``num_groups`` optimizer groups (expert parallelism adds groups for experts); every
-    group of the checkpoint must follow the same schedule."""
+def reshard_scheduler_state(state: dict, saved_tags: list[str], tags: list[str]) -> dict:
+    """An lr-schedule state for optimizer groups tagged ``tags`` (expert parallelism adds groups for experts) from
+    one whose groups were tagged ``saved_tags``: each list entry is found by lr tag, and the groups of one tag must
+    follow the same schedule (a tag the checkpoint lacks takes ``default``'s)."""
     state = dict(state)
     for key in ("base_lrs", "_last_lr", "lr_lambdas"):
         values = state.get(key)
-        if isinstance(values, list) and len(values) != num_groups:
-            if any(v != values[0] for v in values):
-                raise ValueError(f"lr schedule {key}={values}: groups differ; cannot regroup them")
-            state[key] = [values[0]] * num_groups
+        if not isinstance(values, list) or (len(values) == len(tags) and saved_tags == tags):
+            continue
+        if len(values) != len(saved_tags):  # a checkpoint without tags: one schedule for every group
+            saved_tags = ["default"] * len(values)
+        by_tag: dict[str, object] = {}
+        for tag, value in zip(saved_tags, values):
+            if by_tag.setdefault(tag, value) != value:
+                raise ValueError(f"lr schedule {key}={values}: groups of lr group {tag!r} differ; cannot regroup")
+        state[key] = [by_tag.get(tag, by_tag.get("default", values[0])) for tag in tags]
     return state
 
 
@@ -291,4 +314,5 @@ def load_optimizer(engine, model: torch.nn.Module, directory: str, rank: int, sa
         for name, weight in fp32_weights(os.path.join(directory, WEIGHTS), model, names).items():
             entries.setdefault(name, {})["fp32"] = weight
     set_optimizer_state(optimizer, model, entries, groups)
-    scheduler.load_state_dict(reshard_scheduler_state(first["lr_scheduler"], len(optimizer.param_groups)))
+    tags = [_tag(g) for g in scheduler.optimizer.param_groups]
+    scheduler.load_state_dict(reshard_scheduler_state(first["lr_scheduler"], [_tag(g) for g in groups], tags))

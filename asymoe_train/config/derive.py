@@ -133,3 +133,21 @@ def resolve(cfg: TrainConfig, world_size: int) -> list[str]:
         if mixture != value:  # a mixture as written stays as it is
             cfg.data.sources[name] = mixture
     return changed
+
+
+def lr_group_of(stage: StageConfig, group: str) -> str:
+    """The optimizer group (its ``lr_group`` tag) that the parameters of trainable group ``group`` (a name of
+    ``parameter_groups``, e.g. ``experts.text``) join in ``stage``: the ``lr_scale``/``lr_groups`` key that sets
+    their lr, the group's own before its family's (``experts.text`` before ``experts``), or ``default``."""
+    for key in (group, group.split(".")[0]):
+        if key in stage.lr_groups or key in stage.lr_scale:
+            return key
+    return "default"
+
+
+def tag_lr(stage: StageConfig, tag: str) -> float:
+    """The peak lr of the optimizer group tagged ``tag``: its ``lr_groups`` entry, else ``lr`` times its
+    ``lr_scale`` entry (1 for ``default``)."""
+    if tag in stage.lr_groups:
+        return stage.lr_groups[tag]
+    return stage.lr * stage.lr_scale.get(tag, 1.0)

@@ -308,6 +308,12 @@ class StageConfig:
     warmup_ratio: float = 0.0  # when > 0 it sets warmup_steps = ceil(warmup_ratio * steps)
     weight_decay: float = 0.0
     trainable: list[str] = field(default_factory=list)  # groups: asymoe_train.config.names.TRAINABLE_GROUPS
+    # Per-group learning rates (trainable groups by name, e.g. vision, experts, experts.<pool>): lr_scale multiplies
+    # `lr` ({vision: 0.1}), lr_groups sets a peak lr outright ({vision: 2e-6}); a group in neither trains at `lr`.
+    # Each such group is an optimizer parameter group of its own with the stage's schedule shape, saved and resumed
+    # with the optimizer state (on any layout). experts.<pool> wins over experts for that pool's parameters
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    lr_groups: dict[str, float] = field(default_factory=dict)
     upcycle: bool = False  # turn FFN slots into MoE blocks (sparse upcycling) at the start of this stage
     losses: LossConfig = field(default_factory=LossConfig)
     eval: bool = True  # evaluate at the end of the stage

@@ -324,6 +324,18 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
             if group.split(".")[0] not in TRAINABLE_GROUPS:
                 raise ConfigError(f"{key}.trainable: unknown group {group!r}; expected one of "
                                   f"{sorted(TRAINABLE_GROUPS)}")
+        for field_name in ("lr_scale", "lr_groups"):
+            for group, value in getattr(stage, field_name).items():
+                trained = any(group == t or group.startswith(t + ".") or t.startswith(group + ".")
+                              for t in stage.trainable)
+                if not trained:
+                    raise ConfigError(f"{key}.{field_name}.{group}: {group!r} is not among {key}.trainable "
+                                      f"{list(stage.trainable)}; train it or drop its learning rate")
+                if not value > 0:
+                    raise ConfigError(f"{key}.{field_name}.{group}={value} must be > 0")
+        both = set(stage.lr_scale) & set(stage.lr_groups)
+        if both:
+            raise ConfigError(f"{key}: {sorted(both)} set in both lr_scale and lr_groups; keep one")
 
 
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:

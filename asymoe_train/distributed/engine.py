@@ -109,7 +109,8 @@ def _experts_count_as_deepspeed_moe(block_type: type) -> Iterator[None]:
 
 def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfig, total_steps: int,
                  expert_parallel: ExpertParallel | None = None):
-    """DeepSpeed engine over the model's trainable parameters with AdamW and cosine-with-warm-up.
+    """DeepSpeed engine over the model's trainable parameters with AdamW and cosine-with-warm-up, one optimizer
+    group per learning rate of the stage (:func:`asymoe_train.training.groups.optimizer_groups`).
 
     With expert parallelism, the model's expert parameters are tagged as DeepSpeed MoE parameters (also frozen ones:
     DeepSpeed broadcasts them over their expert-data-parallel group only) and trainable ones go to their own
@@ -120,16 +121,18 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfi
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from asymoe_train.moe.block import MoEBlock
+    from asymoe_train.training.groups import optimizer_groups
     from asymoe_train.training.schedule import cosine_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    param_groups: list = params
+    param_groups = optimizer_groups(model, stage)  # one per learning rate (lr_scale / lr_groups), tagged
     treat_as_moe = contextlib.nullcontext()
     if expert_parallel is not None:
         experts = list(model.expert_parameters().values())
         mark_expert_parameters(experts, expert_parallel)
         if any(p.requires_grad for p in experts):
-            param_groups = split_params_into_different_moe_groups_for_optimizer([{"name": "params", "params": params}])
+            param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
+                            if g["params"]]
             treat_as_moe = _experts_count_as_deepspeed_moe(MoEBlock)
     optimizer = torch.optim.AdamW(param_groups, lr=stage.lr, betas=tuple(engine.adam_betas), eps=engine.adam_eps,
                                   weight_decay=stage.weight_decay)

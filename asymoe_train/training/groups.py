@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from asymoe_train.config.derive import lr_group_of, tag_lr
 from asymoe_train.config.names import TRAINABLE_GROUPS as GROUPS
+from asymoe_train.config.schema import StageConfig
 from asymoe_train.moe.block import MoEBlock
 
-__all__ = ["GROUPS", "parameter_groups", "set_trainable"]
+__all__ = ["GROUPS", "optimizer_groups", "parameter_groups", "set_trainable"]
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -58,3 +60,20 @@ def set_trainable(model: nn.Module, trainable: list[str]) -> dict[str, int]:
                 param.requires_grad_(True)
             counts[group] = sum(p.numel() for _, p in groups[group])
     return counts
+
+
+def optimizer_groups(model: nn.Module, stage: StageConfig) -> list[dict]:
+    """The optimizer's parameter groups of a stage: the trainable parameters, one group per learning rate
+    (``curriculum.stages.<s>.lr_scale`` / ``lr_groups``, by group name), each tagged ``lr_group`` (its key, or
+    ``default``) so a checkpoint's groups are matched by tag on any layout. Groups without trainable parameters are
+    left out; ``default`` comes first, and each group's ``lr`` is its peak lr (the schedule multiplies it)."""
+    by_tag: dict[str, dict] = {}
+    for group, members in parameter_groups(model).items():
+        params = [p for _, p in members if p.requires_grad]
+        if not params:
+            continue
+        tag = lr_group_of(stage, group)
+        entry = by_tag.setdefault(tag, {"name": f"lr_{tag}", "lr_group": tag, "lr": tag_lr(stage, tag),
+                                         "params": []})
+        entry["params"].extend(params)
+    return sorted(by_tag.values(), key=lambda g: (g["lr_group"] != "default", g["lr_group"]))

@@ -47,7 +47,7 @@ def resolved_yaml(cfg: TrainConfig) -> str:
 
 
 # Stage keys of the lr schedule: a resumed run may change them (e.g. a lower lr after a divergence, a longer stage)
-SCHEDULE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "warmup_ratio", "steps", "epochs")
+SCHEDULE_KEYS = ("lr", "lr_scale", "lr_groups", "min_lr_ratio", "warmup_steps", "warmup_ratio", "steps", "epochs")
 
 
 def per_step(curriculum, world_size: int, schedule: bool = True):

@@ -130,7 +130,7 @@ class Trainer:
             self.progress.load_state_dict(start[0].__dict__)
             self.positions.load_state_dict(start[0].data_position)
             if resume.schedule_changes(start[0], self.config_yaml):  # this run's lr, from the checkpoint's step
-                rebase_schedule(engine.lr_scheduler, stage.lr)
+                rebase_schedule(engine.lr_scheduler, stage)
         first_step = self.progress.step
         stream = iter(self.stage_loader(index, stage))
         data = self.cfg.data
