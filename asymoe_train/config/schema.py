@@ -384,6 +384,11 @@ class EvalConfig:
     # grounding probe after each evaluation: per LM layer, the attention mass that answer-predicting positions put on
     # image tokens, over the first N labelled sequences of the first eval split (eval/<stage>.json "grounding"); 0 = off
     grounding_sequences: int = 0
+    # the AsyMoE paper's diagnostics after each evaluation (asymoe_train.evaluation.diagnostics): per MoE layer and
+    # expert the evidence-grounding ratio F(E_k) and the evidence-dependence ratio R_k (image intact vs blanked), and
+    # the attention entropy per layer, over the first N labelled sequences of the first eval split
+    # (eval/<stage>.json "diagnostics"); 0 = off
+    diagnostics_sequences: int = 0
 
 
 @dataclass(kw_only=True)

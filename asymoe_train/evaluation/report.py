@@ -1,5 +1,5 @@
-"""A stage's evaluation as the run directory keeps it: exact-match accuracy on every eval source and the grounding
-probe, written to ``eval/<stage>.json`` and printed as a table."""
+"""A stage's evaluation as the run directory keeps it: exact-match accuracy on every eval source, the grounding
+probe and the paper's diagnostics, written to ``eval/<stage>.json`` and printed as a table."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from asymoe_train.data.budget import BadSampleBudget
 from asymoe_train.data.decode import SampleDecoder
 from asymoe_train.data.pipeline import eval_batches
 from asymoe_train.data.tokenizer import TextTokenizer
+from asymoe_train.evaluation.diagnostics import diagnostics_metrics, paper_diagnostics
 from asymoe_train.evaluation.probe import grounding_probe
 from asymoe_train.evaluation.vqa import evaluate
 
@@ -37,7 +38,8 @@ def stored_results(run_dir: str, stage: str) -> dict | None:
 
 def evaluate_stage(model, cfg: TrainConfig, decoder: Callable[[], SampleDecoder], tokenizer: TextTokenizer,
                    device, dtype: torch.dtype, stage: str, step: int) -> tuple[dict, dict[str, float]]:
-    """Evaluate on every eval source (and probe grounding if ``eval.grounding_sequences``); write
+    """Evaluate on every eval source (and probe grounding if ``eval.grounding_sequences``, run the paper's diagnostics
+    if ``eval.diagnostics_sequences``); write
     ``eval/<stage>.json``, print the table, and return the results per split and the metrics to log."""
     results = {}
     for split, pattern in cfg.data.eval_sources.items():
@@ -63,6 +65,11 @@ def evaluate_stage(model, cfg: TrainConfig, decoder: Callable[[], SampleDecoder]
         logged.update({f"probe/image_attention/L{i}": m for i, m in enumerate(mass)})
         log.info(f"grounding probe ({split}, {report['grounding']['positions']} answer positions): attention "
                  f"mass on image tokens per layer {[round(m, 3) for m in mass]}")
+    if cfg.eval.diagnostics_sequences:
+        split, pattern = next(iter(cfg.data.eval_sources.items()))
+        batches = eval_batches(cfg.data, pattern, decoder(), 64, cfg.eval.diagnostics_sequences, prompt_only=False)
+        report["diagnostics"] = {"split": split, **paper_diagnostics(model, batches, device, dtype)}
+        logged.update(diagnostics_metrics(report["diagnostics"]))
     os.makedirs(os.path.join(cfg.run_dir, "eval"), exist_ok=True)
     with open(report_path(cfg.run_dir, stage), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
