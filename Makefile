@@ -63,7 +63,7 @@ bench: install data ## MoE block, demo and LLaVA-shaped packed training-step thr
 			--out docs/benchmarks.md || exit 1; \
 	else echo "make bench: no CUDA GPU here, so no bf16 GPU tables"; fi
 
-ablation: install data ## the five variants x 3 seeds on a smaller demo budget (35-45 min on 2 CPU cores), then docs/results.md
+ablation: install data ## the six variants x 3 seeds on a smaller demo budget (about an hour on 2 CPU cores), then docs/results.md
 	$(PY) -m pip install -q -e ".[report]"
 	$(PY) benchmarks/ablation.py --seeds $(ABLATION_SEEDS) --out docs/results.md -- $(ARGS)
 

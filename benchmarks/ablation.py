@@ -1,4 +1,4 @@
-"""``make ablation``: the five variants x seeds on one step budget (conf/experiment/ablation.yaml), then the report.
+"""``make ablation``: the six variants x seeds on one step budget (conf/experiment/ablation.yaml), then the report.
 
 Per seed: one run of the dense stage 1 (align), then one Hydra multirun over the variants whose stage 2 starts from
 that checkpoint (``init_from``), so the variants of a seed differ in nothing but ``model/moe``; finally

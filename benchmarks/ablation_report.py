@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablation_diagnostics import diagnostics_plot, diagnostics_tables  # noqa: E402
 from moe_block import commit, machine  # noqa: E402
 
 FAMILIES = ("all", "family/colour", "family/shape", "family/yes/no")
@@ -71,6 +72,7 @@ def read_run(path: str) -> dict | None:
     run = {"path": path, "config": cfg, "variant": cfg["model"]["moe"]["variant"], "setting": digest,
            "seed": cfg["seed"], "splits": report["splits"],
            "grounding": report.get("grounding", {}).get("image_mass_per_layer"),
+           "diagnostics": report.get("diagnostics"),
            "curve": [], "params": ("-", "-"), "minutes": None, "tokens_per_s": []}
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.isfile(metrics):
@@ -263,6 +265,7 @@ def main() -> None:
     aligned = sorted({r["config"].get("init_from") for r in runs if r["config"].get("init_from")})
     figure_dir = os.path.splitext(args.out)[0]
     figures = plots(by_variant, blind, figure_dir)
+    figures += diagnostics_plot(by_variant, figure_dir)
     relative = os.path.basename(figure_dir)
     lines = [
         "# Ablation results",
@@ -292,6 +295,14 @@ def main() -> None:
     if probe:
         lines += ["**Grounding probe** (per decoder layer: the attention mass that answer-predicting positions put on "
                   "image tokens, mean over heads and positions; `asymoe_train/evaluation/probe.py`):", "", *probe, ""]
+    diagnostics = diagnostics_tables(by_variant)
+    if diagnostics:
+        lines += ["**The AsyMoE paper's diagnostics** (`asymoe_train/evaluation/diagnostics.py`; teacher-forced on "
+                  "the first split's labelled sequences): per MoE layer and expert, F(E_k) = the share of the attention "
+                  "mass of the tokens routed to it that lands on evidence (image and prompt) rather than memory "
+                  "(special and answer) positions; R_k = (f_intact - f_blanked) / (f_intact + f_blanked), f its share "
+                  "of its router's assignments with the image intact and blanked (positive: chosen more when there "
+                  "is evidence); and the attention entropy per decoder layer:", "", *diagnostics, ""]
     lines += ["Runs: " + ", ".join(f"`{os.path.relpath(r['path'])}`" for r in runs), ""]
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

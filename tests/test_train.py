@@ -120,12 +120,13 @@ def test_init_from_starts_a_variant_from_another_runs_finished_stage(tmp_path, d
 
 @pytest.mark.slow
 def test_ablation_trains_every_variant_from_one_align_run_per_seed_and_writes_the_report(tmp_path, demo_data):
-    """``make ablation``'s script on a tiny budget: per seed one align run, then the five variants' stage 2 from its
-    checkpoint; the report has a row per variant with its seeds, the blind baseline, and the three plots."""
+    """``make ablation``'s script on a tiny budget: per seed one align run, then the six variants' stage 2 from its
+    checkpoint; the report has a row per variant with its seeds, the blind baseline, the paper's diagnostics, and the
+    four plots."""
     root, out = tmp_path / "ablation", tmp_path / "docs" / "results.md"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ablation.py"), "--seeds", "0", "1", "--root", str(root),
            "--out", str(out), "--", f"data.root={demo_data}", "logger.mode=disabled", "eval.grounding_sequences=8",
-           *SHORT]
+           "eval.diagnostics_sequences=8", *SHORT]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=clean_env(), cwd=tmp_path,
                           start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -134,20 +135,29 @@ def test_ablation_trains_every_variant_from_one_align_run_per_seed_and_writes_th
         assert not (root / f"align-seed{seed}" / "checkpoints" / "instruct").exists()
         jobs = sorted((root / f"seed{seed}").glob("*-*"))
         assert [job.name.split("-", 1)[1] for job in jobs] == ["dense_matched", "vanilla", "modality", "moiie",
-                                                               "asymoe"]
+                                                               "asymoe", "asymoe_paper"]
         for job in jobs:
             report = json.load(open(job / "eval" / "instruct.json"))
             assert f"init_from: {align}" in open(job / "config.yaml").read()
             assert not (job / "checkpoints" / "align").exists()
             mass = report["grounding"]["image_mass_per_layer"]
             assert len(mass) == 4 and all(0.0 <= m <= 1.0 for m in mass)
+            diagnostics = report["diagnostics"]
+            assert len(diagnostics["attention_entropy"]) == 4 and diagnostics["sequences"] == 8
+            if job.name.endswith("asymoe_paper"):
+                layer = diagnostics["layers"]["1"]
+                assert set(layer["grounding_ratio"]) == {"vision0", "hyperbolic0", "text0", "evidence0"}
+                assert 0.0 <= layer["grounding_ratio"]["evidence0"] <= 1.0
     text = out.read_text()
     results = next(chunk for chunk in text.split("\n\n") if chunk.startswith("| variant | seeds"))
     rows = {line.split(" | ")[0][2:]: line for line in results.splitlines()}
-    for variant in ("dense_matched", "vanilla", "modality", "moiie", "asymoe"):
+    for variant in ("dense_matched", "vanilla", "modality", "moiie", "asymoe", "asymoe_paper"):
         assert rows[variant].split(" | ")[1] == "0, 1"  # both seeds averaged in one row
     assert "blind (question prior)" in rows
     assert "**Grounding probe**" in text and "| asymoe | " in text.split("**Grounding probe**")[1]
-    for plot in ("accuracy.png", "grounding.png", "loss.png"):
+    diagnostics = text.split("**The AsyMoE paper's diagnostics**")[1]
+    assert "| asymoe_paper | 1 | evidence0 | " in diagnostics and "| asymoe | 3 | evidence0 | " in diagnostics
+    assert "| dense_matched | " in diagnostics.split("entropy L0")[1]
+    for plot in ("accuracy.png", "grounding.png", "loss.png", "diagnostics.png"):
         assert (tmp_path / "docs" / "results" / plot).stat().st_size > 1000
         assert f"](results/{plot})" in text
