@@ -15,7 +15,7 @@ from tqdm import tqdm
 from asymoe_train.checkpoint.engine_checkpoint import load_checkpoint, save_checkpoint
 from asymoe_train.checkpoint.store import TrainerState, config_hash, prune_checkpoints
 from asymoe_train.checkpoint.weights import load_stage_model
-from asymoe_train.config.derive import image_tokens_per_image, upcycled_after
+from asymoe_train.config.derive import image_tokens_per_image, tag_lr, upcycled_after
 from asymoe_train.config.errors import DivergenceError
 from asymoe_train.config.paths import resolve_data_path
 from asymoe_train.config.schema import StageConfig, TrainConfig
@@ -303,7 +303,8 @@ class Trainer:
                      f"{images * self.num_image_tokens} image tokens encoded per step; "
                      f"{'upcycled' if params.upcycled else 'dense'} model: total {format_count(params.total)}, "
                      f"activated per token {format_count(params.activated)}; trainable {stage.trainable} "
-                     f"({format_count(params.params.dense_trainable + params.params.expert_trainable)}); lr {stage.lr}")
+                     f"({format_count(params.params.dense_trainable + params.params.expert_trainable)}); lr {stage.lr}"
+                     + "".join(f", {group} {tag_lr(stage, group)}" for group in (*stage.lr_scale, *stage.lr_groups)))
 
     # ------------------------------------------------------------------------------------------------------- eval
     def evaluate_trained(self, model, name: str, stage: StageConfig, path: str, device) -> dict:
