@@ -491,3 +491,14 @@ def test_params_per_expert_and_errors():
         HyperbolicExperts(1, D, F, init_scale=0.0)
     with pytest.raises(ValueError, match="cannot upcycle"):
         HyperbolicExperts(1, D, F + 1).upcycle_from(llama_mlp())
+
+
+def test_a_fixed_curvature_is_a_buffer_at_its_init():
+    """hyperbolic.learn_curvature=false (the AsyMoE paper's curvature -1): no parameter, nothing to train, and the
+    value (in the state dict, so checkpoints keep it) is the init."""
+    from asymoe_train.moe.hyperbolic import Curvature
+
+    fixed, learned = Curvature(1.0, learnable=False), Curvature(2.0)
+    assert list(fixed.parameters()) == [] and "log_c" in fixed.state_dict()
+    assert fixed().item() == 1.0 and [n for n, _ in learned.named_parameters()] == ["log_c"]
+    assert learned().item() == pytest.approx(2.0)

@@ -269,8 +269,11 @@ class MoEBlock(nn.Module):
                     out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture,
                                                    hyp.cone_form)
             if hasattr(pool, "mean_alpha"):  # evidence pool: its gate (paper form: the mean over its routers' tokens)
-                alpha_E = pool.mean_alpha(x_TD, torch.isin(modality_T, torch.tensor(self.query_codes(name),
-                                                                                      device=x_TD.device)))
+                asking_T = torch.zeros_like(modality_T, dtype=torch.bool)
+                for router, cols in self.router_context_pools.items():
+                    if any(p == name for p, *_ in cols):
+                        asking_T = asking_T | torch.isin(modality_T, getattr(self, f"codes_{router}"))
+                alpha_E = pool.mean_alpha(x_TD, asking_T)
                 for e in range(alpha_E.shape[0]):
                     out.stats[f"{name}/alpha_e{e}"] = alpha_E[e]
         return out
