@@ -123,7 +123,7 @@ def exported(demo_data, tmp_path_factory):
     return export(run_dir), cfg
 
 
-@pytest.mark.parametrize("variant", ["dense", "moiie", "asymoe"])
+@pytest.mark.parametrize("variant", ["dense", "moiie", "asymoe", "asymoe_paper"])
 def test_exported_model_reproduces_the_training_model(variant, demo_data, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg, tok, trained = fake_run(variant, demo_data, run_dir)
