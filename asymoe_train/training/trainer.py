@@ -162,8 +162,10 @@ class Trainer:
                 metrics = host_metrics(metrics)
                 perf = speed.metrics()
                 progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}")
+                group_lrs = {f"lr/{g['lr_group']}": g["lr"] for g in engine.lr_scheduler.optimizer.param_groups
+                             if g.get("lr_group", "default") != "default"}  # lr_scale / lr_groups
                 self.logger.log({**metrics, **perf, **train_step.load.metrics(), "lr": engine.get_lr()[0],
-                                 "stage": index}, self.progress.global_step)
+                                 **group_lrs, "stage": index}, self.progress.global_step)
             self.checkpoint_or_stop(engine, model, stage, last=False, progress=progress)
         progress.close()
         if self.rank == 0:
