@@ -305,7 +305,7 @@ class CurriculumConfig:
 class EngineConfig:
     """DeepSpeed engine settings."""
 
-    zero_stage: int = 0  # 0-2 (3 is rejected until proven for MoE)
+    zero_stage: int = 0  # 0-3; ZeRO-3 partitions every parameter (experts too) and needs ep_size=1
     precision: Precision = Precision.fp32
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -194,6 +194,10 @@ def _validate_model(cfg: TrainConfig) -> None:
         raise ConfigError("model.compile_moe=true compiles the native block's pools, which DeepSpeed's MoE layer "
                           "(model.moe.backend=deepspeed) does not call; set model.compile_moe=false or "
                           "model.moe.backend=native")
+    if moe.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+        raise ConfigError("model.moe.backend=deepspeed with engine.zero_stage=3: DeepSpeed's MoE layer refuses "
+                          "ZeRO-3; set model.moe.backend=native (the native block trains under ZeRO-3) or "
+                          "engine.zero_stage=2")
     if moe.backend == "deepspeed":
         vanilla = (len(moe.pools) == 1 and moe.pools[0].expert == "ffn" and moe.pools[0].width == 1
                    and len(moe.routers) == 1 and set(moe.routers[0].modalities) == set(MODALITIES))
@@ -325,13 +329,12 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
     if engine.ep_size > 1 and engine.zero_stage == 3:
         raise ConfigError(
             f"engine.ep_size={engine.ep_size} with engine.zero_stage=3: DeepSpeed does not partition expert-parallel "
-            "MoE parameters with ZeRO-3; use engine.zero_stage=2 (or 1, 0) with expert parallelism, or "
-            "engine.ep_size=1"
+            "MoE parameters with ZeRO-3; set engine.ep_size=1 (ZeRO-3 partitions the experts like every other "
+            "parameter), or engine.zero_stage=2 (or 1, 0) with expert parallelism"
         )
     if engine.zero_stage not in ZERO_STAGES:
         raise ConfigError(
-            f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
-            "(ZeRO-3 with MoE experts is not supported)"
+            f"engine.zero_stage={engine.zero_stage} is not a ZeRO stage; use one of {list(ZERO_STAGES)}"
         )
     _choice("engine.precision", engine.precision, PRECISIONS)
     if len(engine.adam_betas) != 2:
