@@ -130,9 +130,7 @@ def _validate_model(cfg: TrainConfig) -> None:
     for i, pool in enumerate(moe.pools):
         _choice(f"model.moe.pools.{i}.expert", pool.expert, EXPERT_TYPES)
         _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
-        _positive(f"model.moe.pools.{i}.width", pool.width)
-        if pool.width != 1 and pool.expert != "ffn":
-            raise ConfigError(f"model.moe.pools.{i}.width={pool.width}: only ffn experts can be widened")
+        _validate_width(f"model.moe.pools.{i}.width", pool.width, cfg.model.lm.intermediate_size)
         if pool.num_experts % cfg.engine.ep_size:
             raise ConfigError(
                 f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "
@@ -322,6 +320,22 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
             if group.split(".")[0] not in TRAINABLE_GROUPS:
                 raise ConfigError(f"{key}.trainable: unknown group {group!r}; expected one of "
                                   f"{sorted(TRAINABLE_GROUPS)}")
+
+
+def _validate_width(key: str, width: float, intermediate_size: int) -> None:
+    """An expert width: a whole multiple of the dense FFN, or one of S equal segments of its hidden units."""
+    _positive(key, width)
+    segments = 1 / width
+    if width >= 1 and float(width).is_integer():
+        return
+    if width < 1 and abs(segments - round(segments)) < 1e-9:
+        if intermediate_size and intermediate_size % round(segments):
+            raise ConfigError(f"{key}={width}: the FFN's {intermediate_size} hidden units (model.lm.intermediate_size) "
+                              f"do not split into {round(segments)} equal segments; choose a width 1/S with S dividing "
+                              "them")
+        return
+    raise ConfigError(f"{key}={width}: expert widths are whole multiples of the FFN (1, 2, ...) or fine-grained "
+                      "segments 1/S of it (0.5, 0.25, 0.125, ...)")
 
 
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
