@@ -313,10 +313,17 @@ class MoEBlock(nn.Module):
         return [(f"pools.{name}.{n}", p) for name, pool in self.pools.items() for n, p in pool.expert_parameters()]
 
     def expert_param_count(self) -> tuple[int, int]:
-        """(parameters of all experts held here, parameters of the largest single expert)."""
+        """(parameters of all experts held here, expert parameters one token activates at most): for each router,
+        its top_k largest reachable experts (pools of unequal widths and types differ in size), the largest such
+        sum over routers."""
         total = sum(p.numel() for p in self.pools.parameters())
-        largest = max(pool.params_per_expert() for pool in self.pools.values())
-        return total, largest
+        sizes = {name: pool.params_per_expert() for name, pool in self.pools.items()}
+        per_token = 0
+        for router in self.cfg.routers:
+            reached = sorted((sizes[name] for name in router.pools if name in sizes
+                              for _ in range(self.pools[name].num_global_experts)), reverse=True)
+            per_token = max(per_token, sum(reached[: self.top_k]))
+        return total, per_token
 
 
 def compile_block(block: MoEBlock) -> None:
