@@ -167,7 +167,7 @@ def test_paper_recipes_activate_the_papers_budget_under_zero3(recipe):
     assert cfg.engine.zero_stage == 3 and cfg.engine.ep_size == 1
     sync_backbone_sizes(cfg.model)
     validate(cfg, 8, files=False)
-    resolve_schedule(cfg, 8)
+    resolve(cfg, 8)
     instruct = make_plan(cfg, 8).stages[-1]
     assert instruct.upcycled
     assert abs(instruct.activated / PAPER_ACTIVATED[recipe] - 1) < 0.05, instruct.activated
