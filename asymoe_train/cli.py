@@ -1,7 +1,9 @@
 """``asymoe-train``: the Hydra training application (``--cfg job``, ``-m`` multirun and overrides all work), plus
 subcommands:
 
-    asymoe-train plan [world_size=N] [overrides]     parameters, per-GPU memory and schedule; allocates nothing
+    asymoe-train plan [world_size=N] [gpu_memory_gib=G] [overrides]
+                                                     parameters, per-GPU memory with activations (fits G GiB?) and
+                                                     schedule; allocates nothing
     asymoe-train export <run_dir> [--stage NAME] [--out DIR]
     asymoe-train generate <export_dir> --image PATH --question "..." [--max-new-tokens N]
 
@@ -123,10 +125,12 @@ def command_parser() -> argparse.ArgumentParser:
                                      "a question. Without a subcommand, asymoe-train trains (Hydra overrides; see "
                                      "--help).")
     commands = parser.add_subparsers(dest="command", required=True)
-    plan = commands.add_parser("plan", help="total and activated parameters, per-GPU memory of weights, gradients and "
-                               "optimizer states, tokens and steps per stage; builds the model on the meta device")
+    plan = commands.add_parser("plan", help="total and activated parameters, per-GPU memory of weights, gradients, "
+                               "optimizer states and activations, tokens and steps per stage; builds the model on "
+                               "the meta device")
     plan.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                      help="world_size=N (GPUs, default 1) and Hydra overrides, e.g. experiment=asymoe_llama3_8b")
+                      help="world_size=N (GPUs, default 1), gpu_memory_gib=G (a fits / does-not-fit verdict) and "
+                      "Hydra overrides, e.g. experiment=asymoe_llama3_8b")
     export = commands.add_parser("export", help="consolidated weights + config of a run's stage, loadable in plain "
                                  "PyTorch (asymoe_train.load_pretrained)")
     export.add_argument("run_dir", help="a run directory, outputs/<experiment>/<run_id>")

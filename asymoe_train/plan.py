@@ -1,6 +1,6 @@
 """``asymoe-train plan``: parameters, per-GPU memory and the schedule of a run, before anything is allocated.
 
-    asymoe-train plan experiment=asymoe_llama3_8b world_size=8 [more Hydra overrides]
+    asymoe-train plan experiment=asymoe_llama3_8b world_size=8 [gpu_memory_gib=80] [more Hydra overrides]
 
 The config is composed from ``conf/`` like the training app's, backbone sizes are read from the checkpoints'
 ``config.json`` where the paths hold one, and it is validated without the file checks (weights, tokenizer and shards
@@ -9,8 +9,10 @@ upcycled from the stage that sets ``upcycle``), so the counts come from the code
 backbone path without a checkpoint is counted from the sizes in ``model.vision`` / ``model.lm`` (the recipe configs
 carry the published ones).
 
-Memory per GPU covers weights, gradients and optimizer states (AdamW); activations, communication buffers, the CUDA
-context and fragmentation come on top, as they depend on sequence length, micro-batch and checkpointing:
+Memory per GPU covers weights, gradients and optimizer states (AdamW), then the activations of one micro-batch
+(:mod:`asymoe_train.activations`: sequence length, micro-batch, activation checkpointing, attention implementation,
+MoE dispatch) and a reserve for the CUDA context, communication buffers and fragmentation; with
+``gpu_memory_gib=N`` the plan says whether each stage fits a GPU of N GiB, and by how much:
 
     b = 2 bytes (bf16) or 4 (fp32): weights, and gradients in the same dtype
     k = 12 bytes (bf16: fp32 master weights + Adam m and v) or 8 (fp32: Adam m and v)
@@ -30,6 +32,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 
+from asymoe_train.activations import RESERVE_GIB, Activations, activation_memory
 from asymoe_train.config.derive import (
     global_batch,
     image_tokens_per_image,
@@ -91,6 +94,11 @@ class StagePlan:
     steps_per_epoch: int | None
     image_tokens: int  # at most, per optimizer step (one image per sample)
     max_tokens: int | None  # at most, per optimizer step; None when samples split into one sequence per turn
+    activations: Activations | None = None  # one micro-batch, per GPU
+
+    def per_gpu(self, zero_stage: int) -> float:
+        """Bytes per GPU under ``zero_stage``: states, activations and the reserve."""
+        return self.memory[zero_stage].total + self.activations.total + RESERVE_GIB * GIB
 
 
 @dataclass
@@ -101,6 +109,9 @@ class Plan:
     zero_stage: int
     precision: str
     max_length: int
+    activation_checkpointing: bool
+    attention: str  # the LM's attention implementation
+    gpu_memory_gib: float  # 0: no verdict
     image_tokens_per_image: int
     backbones: dict[str, str]  # vision / lm -> where the architecture came from
     dense_total: int
@@ -120,7 +131,7 @@ def _vocab_size(cfg: TrainConfig, lm_from_checkpoint: bool) -> int:
     return 0
 
 
-def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+def make_plan(cfg: TrainConfig, world_size: int, gpu_memory_gib: float = 0.0) -> Plan:
     """Count parameters on the meta device, stage by stage, and derive memory and schedule. ``cfg`` has been synced
     with its backbone checkpoints, validated and resolved (:func:`plan_command` does all three)."""
     from asymoe_train.models.backbones import has_checkpoint
@@ -140,7 +151,9 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     dense_total, described = stage_params(model_cfg, cfg.curriculum.stages, vocab_size)
     image_tokens = image_tokens_per_image(cfg.model.vision)
     plan = Plan(cfg.experiment, world_size, engine.ep_size, engine.zero_stage, engine.precision, cfg.data.max_length,
-                image_tokens, backbones, dense_total)
+                cfg.model.activation_checkpointing, cfg.model.lm.attn_implementation, gpu_memory_gib, image_tokens,
+                backbones, dense_total)
+    vocab = vocab_size or model_cfg.lm.vocab_size
     for counted, (name, stage) in zip(described, cfg.curriculum.stages.items()):
         params = counted.params
         batch = global_batch(stage, world_size)
@@ -152,6 +165,8 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             source_size=cfg.data.source_sizes.get(stage.source),
             steps_per_epoch=steps_per_epoch(stage, cfg.data, world_size), image_tokens=batch * image_tokens,
             max_tokens=None if cfg.data.split_turns else batch * cfg.data.max_length,
+            activations=activation_memory(model_cfg, stage.batch_size, cfg.data.max_length, engine.precision,
+                                          "vision" in stage.trainable, vocab, counted.upcycled),
         ))
     return plan
 
@@ -187,9 +202,10 @@ def format_plan(plan: Plan) -> str:
             f"(dense {s.params.dense_trainable:,}, experts {s.params.expert_trainable:,})",
             f"  per GPU (ZeRO-{plan.zero_stage}, EP {plan.ep_size}, {plan.precision}): weights {_bytes(m.weights)}, "
             f"gradients {_bytes(m.gradients)}, optimizer states {_bytes(m.optimizer)}, total {_bytes(m.total)} "
-            "(activations not included)",
+            "(states)",
             "  per GPU total by ZeRO stage: "
             + ", ".join(f"ZeRO-{z} {_bytes(mem.total)}" for z, mem in s.memory.items()),
+            *_activation_lines(plan, s),
         ]
         tokens = (f"at most {s.max_tokens:,} tokens (max_length {plan.max_length})" if s.max_tokens is not None
                   else f"one sequence per turn of at most {plan.max_length} tokens (data.split_turns)")
@@ -203,6 +219,31 @@ def format_plan(plan: Plan) -> str:
         trained = f"{s.epochs:g} epoch{'' if s.epochs == 1 else 's'}" if s.epochs > 0 else "set as steps"
         lines.append(f"  steps: {s.steps:,} ({trained}), warm-up {s.warmup_steps:,}; {epoch}")
     return "\n".join(lines)
+
+
+def _activation_lines(plan: Plan, s: StagePlan) -> list[str]:
+    a = s.activations
+    checkpointing = "on" if plan.activation_checkpointing else "off"
+    lines = [
+        f"  activations per GPU (micro-batch {s.batch_size} x {plan.max_length} positions, activation checkpointing "
+        f"{checkpointing}, attention {plan.attention}): decoder layers {_bytes(a.layers)}, recomputed layer "
+        f"{_bytes(a.recompute)}, logits {_bytes(a.logits)}, vision and embeddings {_bytes(a.vision)}; total "
+        f"{_bytes(a.total)}",
+        f"  per GPU with activations (ZeRO-{plan.zero_stage}): states {_bytes(s.memory[plan.zero_stage].total)} + "
+        f"activations {_bytes(a.total)} + reserve {RESERVE_GIB:g} GiB = {_bytes(s.per_gpu(plan.zero_stage))}",
+    ]
+    if plan.gpu_memory_gib:
+        margin = plan.gpu_memory_gib * GIB - s.per_gpu(plan.zero_stage)
+        fixes = [f"lower curriculum.stages.{s.name}.batch_size (the global batch stays: gradient accumulation "
+                 "grows)"]
+        if not plan.activation_checkpointing:
+            fixes.append("set model.activation_checkpointing=true")
+        if plan.zero_stage < 3:
+            fixes.append("raise engine.zero_stage")
+        verdict = (f"fits, {_bytes(margin)} to spare" if margin >= 0 else
+                   f"does not fit, {_bytes(-margin)} over: {', or '.join(fixes)}")
+        lines.append(f"  on {plan.gpu_memory_gib:g} GiB GPUs: {verdict}")
+    return lines
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
@@ -224,24 +265,32 @@ def compose_config(overrides: list[str]) -> TrainConfig:
 
 
 def plan_command(args: list[str]) -> str:
-    """``asymoe-train plan [world_size=N] [overrides]``: compose, sync, validate without file checks, resolve, plan.
+    """``asymoe-train plan [world_size=N] [gpu_memory_gib=G] [overrides]``: compose, sync, validate without file checks, resolve, plan.
     Ends with what training would still need (the file checks), or that the config is ready."""
     from asymoe_train.models.backbones import sync_backbone_sizes
 
-    world_size, overrides = 1, []
+    world_size, gpu_memory_gib, overrides = 1, 0.0, []
     for arg in args:
         if arg.startswith("world_size="):
             value = arg.split("=", 1)[1]
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"world_size={value!r} must be a positive integer (the number of GPUs)")
             world_size = int(value)
+        elif arg.startswith("gpu_memory_gib="):
+            value = arg.split("=", 1)[1]
+            try:
+                gpu_memory_gib = float(value)
+            except ValueError:
+                gpu_memory_gib = -1.0
+            if not gpu_memory_gib > 0:
+                raise ValueError(f"gpu_memory_gib={value!r} must be a positive number (GiB of memory per GPU)")
         else:
             overrides.append(arg)
     cfg = compose_config(overrides)
     changes = sync_backbone_sizes(cfg.model)
     validate(cfg, world_size, files=False)
     changes += resolve(cfg, world_size)
-    text = format_plan(make_plan(cfg, world_size))
+    text = format_plan(make_plan(cfg, world_size, gpu_memory_gib))
     if changes:
         text += "\nderived: " + "; ".join(changes)
     try:

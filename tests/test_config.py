@@ -66,7 +66,8 @@ def test_typos_and_wrong_types_fail_at_compose_time(override, error, demo_data):
 @pytest.mark.parametrize("overrides,key", [
     (["model.moe.top_k=5"], "model.moe.top_k"),
     (["model/moe=vanilla", "engine.ep_size=3"], "engine.ep_size"),
-    (["engine.zero_stage=3"], "engine.zero_stage"),
+    (["engine.zero_stage=4"], "engine.zero_stage"),
+    (["model/moe=vanilla", "model.moe.backend=deepspeed", "engine.zero_stage=3"], "model.moe.backend"),
     (["model.vision.merge=3"], "model.vision.merge"),
     (["model.moe.layers=7"], "model.moe.layers"),
     (["curriculum.stages.align.trainable=[projector,everything]"], "curriculum.stages.align.trainable"),

@@ -13,16 +13,22 @@ import pytest
 
 from asymoe_train.config.derive import resolve
 from asymoe_train.config.validate import ConfigError, validate
-from asymoe_train.plan import ParamSplit, compose_config, memory_per_gpu, plan_command
+from asymoe_train.models.backbones import sync_backbone_sizes
+from asymoe_train.plan import ParamSplit, compose_config, make_plan, memory_per_gpu, plan_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = {"asymoe_llama3_8b": "siglip", "asymoe_phi3_mini": "siglip", "moe_llava_qwen2": "clip"}
+RECIPES = {"asymoe_llama3_8b": "siglip", "asymoe_phi3_mini": "siglip", "moe_llava_qwen2": "clip",
+           "moiie_llama3_8b": "siglip", "moiie_phi3_mini": "siglip"}
+# activated parameters per token of the AsyMoE paper's Table 1
+PAPER_ACTIVATED = {"asymoe_phi3_mini": 4.1e9, "asymoe_llama3_8b": 10.8e9, "moiie_phi3_mini": 5.5e9,
+                   "moiie_llama3_8b": 11.3e9}
 GIB = 1024**3
 
 
 def llama3_8b_by_hand() -> dict[str, float]:
-    """SigLIP-so400m-384 + 2-layer GELU projector + Llama-3-8B, AsyMoE pools (vision 1, hyperbolic 2, text 1,
-    evidence 1; top-2) in the 16 odd decoder layers, from the published sizes."""
+    """SigLIP-so400m-384 + 2-layer GELU projector + Llama-3-8B, AsyMoE pools as the recipe sets them (vision 1,
+    hyperbolic 2, text 1 of half the FFN's width; evidence 1 of its whole width; top-2) in the 16 odd decoder layers,
+    from the published sizes."""
     # SigLIP-so400m-patch14-384: width W, MLP M, 27 layers, (384 // 14)^2 = 729 patches, attention-pooling head
     W, M, patches = 1152, 4304, (384 // 14) ** 2
     attention = 4 * (W * W + W)  # q, k, v, o with biases
@@ -37,15 +43,17 @@ def llama3_8b_by_hand() -> dict[str, float]:
     llama = 2 * V * D + 32 * (2 * D * D + 2 * D * kv + ffn + 2 * D) + D
     projector = (W * D + D) + (D * D + D)
     dense = siglip + llama + projector
-    # per MoE layer: 2 FFN experts; 2 hyperbolic ones with biases and Lorentz time columns (4F + 2D) and a pre-scale,
-    # plus the pool's curvature; 1 evidence expert = FFN + q, k, v, o (4 D^2) + null key (D) + gate; routers over
-    # {vision, hyperbolic} (3) and {text, hyperbolic, evidence} (4)
-    hyperbolic = ffn + 4 * F + 2 * D + 1
+    # per MoE layer: 2 FFN experts of F / 2 hidden units; 2 hyperbolic ones of F / 2 with biases and Lorentz time
+    # columns (4 F / 2 + 2D) and a pre-scale, plus the pool's curvature; 1 evidence expert = FFN + q, k, v, o (4 D^2)
+    # + null key (D) + gate; routers over {vision, hyperbolic} (3) and {text, hyperbolic, evidence} (4)
+    half = 3 * D * (F // 2)
+    hyperbolic = half + 4 * (F // 2) + 2 * D + 1
     evidence = ffn + 4 * D * D + D + 1
-    experts = 2 * ffn + 2 * hyperbolic + 1 + evidence
+    experts = 2 * half + 2 * hyperbolic + 1 + evidence
     routers = (3 + 4) * D
     upcycled = dense + 16 * (experts + routers - ffn)
-    activated = upcycled - 16 * experts + 16 * 2 * evidence  # top-2 of the largest expert
+    # top-2 of the largest experts a router reaches: the text router's evidence and hyperbolic experts
+    activated = upcycled - 16 * experts + 16 * (evidence + hyperbolic)
     return {"dense": dense, "upcycled": upcycled, "activated": activated, "siglip": siglip, "projector": projector}
 
 
@@ -83,7 +91,7 @@ def close(printed: float, expected: float, rel: float = 0.05) -> bool:
 
 def test_plan_of_llama3_8b_on_8_gpus_agrees_with_the_hand_calculation():
     proc = subprocess.run([sys.executable, "-m", "asymoe_train.cli", "plan", "experiment=asymoe_llama3_8b",
-                           "world_size=8"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           "world_size=8", "engine.zero_stage=2"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
@@ -151,6 +159,18 @@ def test_recipe_composes_plans_and_asks_for_its_weights(recipe, tower, tmp_path)
     cfg.model.backbone.lm_path = str(tmp_path / "lm")
     with pytest.raises(ConfigError, match=r"data\.tokenizer"):
         validate(cfg, world_size=8)
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER_ACTIVATED))
+def test_paper_recipes_activate_the_papers_budget_under_zero3(recipe):
+    cfg = compose_config([f"experiment={recipe}"])
+    assert cfg.engine.zero_stage == 3 and cfg.engine.ep_size == 1
+    sync_backbone_sizes(cfg.model)
+    validate(cfg, 8, files=False)
+    resolve(cfg, 8)
+    instruct = make_plan(cfg, 8).stages[-1]
+    assert instruct.upcycled
+    assert abs(instruct.activated / PAPER_ACTIVATED[recipe] - 1) < 0.05, instruct.activated
 
 
 def test_three_stage_curriculum_upcycles_in_its_last_stage():

@@ -3,8 +3,10 @@
 What a checkpoint needs from DeepSpeed's optimizers beyond ``state_dict``/``load_state_dict`` (each parameter's fp32
 master weights and optimizer state, by parameter name) is not public API: ZeRO-1/2 and the bf16 optimizer link every
 parameter to fragments of flat fp32 partitions (``param._hp_mapping``, ``bit16_groups``/``bf16_groups``), bf16 without
-ZeRO keeps whole fp32 master copies (``fp16_groups``/``fp32_groups``), and the wrapped torch optimizer is
-``optimizer.optimizer``. These fields change between DeepSpeed releases, so every function here first checks that the
+ZeRO keeps whole fp32 master copies (``fp16_groups``/``fp32_groups``), ZeRO-3 partitions every parameter itself
+(``param.ds_tensor``, ``ds_shape``, ``ds_numel``, ``ds_process_group``: each rank holds one equal, zero-padded slice
+of the flattened parameter) and its optimizer keeps one flat fp32 partition per sub-group
+(``fp32_partitioned_groups_flat``), and the wrapped torch optimizer is ``optimizer.optimizer``. These fields change between DeepSpeed releases, so every function here first checks that the
 installed DeepSpeed is in the range the package pins (setup.cfg's ``install_requires``) and raises otherwise.
 """
 
@@ -72,6 +74,108 @@ def holds_fragments(optimizer) -> bool:
     return hasattr(optimizer, "bit16_groups") or hasattr(optimizer, "bf16_groups")
 
 
+def holds_partitions(optimizer) -> bool:
+    """DeepSpeed's ZeRO-3 optimizer: every parameter partitioned over the data-parallel ranks."""
+    return hasattr(optimizer, "fp32_partitioned_groups_flat")
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (its ``data`` is empty while it is not gathered)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter, also of a ZeRO-3 one."""
+    return param.ds_shape if is_partitioned(param) else param.shape
+
+
+def partition_range(param: torch.Tensor) -> tuple[int, int, int]:
+    """ZeRO-3: (start, end, partition size) of this rank's slice of the flattened parameter; ``end`` is clipped to
+    the parameter (the last ranks' partitions are zero-padded)."""
+    size = param.ds_tensor.ds_numel
+    start = torch.distributed.get_rank(group=param.ds_process_group) * size
+    return min(start, param.ds_numel), min(start + size, param.ds_numel), size
+
+
+def local_data(param: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition (1-d, padded), else the parameter."""
+    return param.ds_tensor if is_partitioned(param) else param
+
+
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """A context in which ZeRO-3 parameters are whole on every rank (DeepSpeed's ``GatheredParameters``: a
+    collective); with ``modifier_rank`` that rank's changes are kept. A no-op for other parameters."""
+    import contextlib
+
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def _stage3_state_keys_and_step(optimizer) -> tuple[list[str], object]:
+    states = [st for st in optimizer.optimizer.state.values() if st]
+    keys = sorted(k for k, v in states[0].items() if _stacked(v)) if states else []
+    return keys, states[0].get("step") if states else None
+
+
+def held_partitions(optimizer, model: torch.nn.Module) -> list[Held]:
+    """ZeRO-3: this rank's slice of every trainable parameter's fp32 master weights and optimizer state (DeepSpeed's
+    ``safe_get_local_*`` API), padding cut off."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    keys, step = _stage3_state_keys_and_step(optimizer)
+    held = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        start, end, _ = partition_range(param)
+        fragments = {"fp32": safe_get_local_fp32_param(param)[: end - start],
+                     **{k: safe_get_local_optimizer_state(param, k)[: end - start] for k in keys}}
+        held.append((name, param, start, fragments, step))
+    return held
+
+
+def set_held_partitions(optimizer, model: torch.nn.Module, entries: dict[str, dict[str, torch.Tensor]]) -> None:
+    """ZeRO-3: give every trainable parameter's slice its fp32 master weights and optimizer state from ``entries``
+    (this rank's unpadded slice, see :func:`partition_range`, or the whole parameter); master weights missing there come from the
+    model's (just loaded) partitions."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    base = optimizer.optimizer
+    keys = sorted({k for entry in entries.values() for k in entry if k not in ("fp32", "step")})
+    steps = {float(entry["step"]) for entry in entries.values() if "step" in entry}
+    if len(steps) > 1:
+        raise ValueError(f"the checkpoint's parameters have different optimizer steps {steps}")
+    if keys:  # the state Adam would create at its first step, for every sub-group's flat partition
+        step = steps.pop() if steps else 0.0
+        for flat in optimizer.fp32_partitioned_groups_flat:
+            base.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                **{k: torch.zeros_like(flat) for k in keys}}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        start, end, size = partition_range(param)
+        entry = entries.get(name, {})
+        for key in ("fp32", *keys):
+            value = torch.zeros(size, dtype=torch.float32, device=param.ds_tensor.device)
+            if key in entry:
+                flat = entry[key].reshape(-1)
+                if flat.numel() == param.ds_numel:  # the whole parameter (from a ZeRO-0 file, or fp32 weights)
+                    flat = flat[start:end]
+                value[: end - start] = flat
+            elif key == "fp32":
+                value.copy_(param.ds_tensor.detach().reshape(-1).float())
+            else:
+                continue
+            if key == "fp32":
+                safe_set_local_fp32_param(param, value)
+            else:
+                safe_set_local_optimizer_state(param, value, key)
+
+
 def holds_master_copies(optimizer) -> bool:
     """DeepSpeed's bf16 optimizer without ZeRO (``FP16_UnfusedOptimizer``): a whole fp32 copy of every parameter."""
     return hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups")
@@ -113,6 +217,8 @@ def held_state(optimizer, model: torch.nn.Module) -> list[Held] | None:
     lies in the parameter as this rank holds it; None for an optimizer of another kind."""
     require_supported()
     base, held = optimizer.optimizer, []
+    if holds_partitions(optimizer):
+        return held_partitions(optimizer, model)
     if holds_fragments(optimizer):
         linked = link_optimizer_state(optimizer, model)
         for name, param in (item for params in linked.values() for item in params):
@@ -141,7 +247,9 @@ def set_held_state(optimizer, model: torch.nn.Module, entries: dict[str, dict[st
     require_supported()
     base = optimizer.optimizer
     names = {id(p): n for n, p in model.named_parameters()}
-    if holds_fragments(optimizer):
+    if holds_partitions(optimizer):
+        set_held_partitions(optimizer, model, entries)
+    elif holds_fragments(optimizer):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         linked = link_optimizer_state(optimizer, model)  # group -> parameters with a fragment here

@@ -23,7 +23,7 @@ def save_checkpoint(engine, model: torch.nn.Module, run_dir: str, state: Trainer
     def write(directory: str) -> None:
         save_optimizer(engine, model, directory, rank)
         torch.save(ProcessRng().state_dict(), os.path.join(directory, RNG_FILE.format(rank=rank)))
-        full = consolidated_state(model, expert_parallel)  # collective within the first expert-parallel group
+        full = consolidated_state(model, expert_parallel, rank)  # collective (first expert-parallel group, or ZeRO-3)
         if rank == 0:
             save_weights(model, os.path.join(directory, WEIGHTS), full)
             state.save(directory)

@@ -4,7 +4,8 @@ What lets a checkpoint resume on another layout (world size, ep_size, ZeRO stage
 master weights, optimizer state (Adam's moments) and step, found by the parameter's name, whatever optimizer wrote or
 reads them. A torch optimizer (ZeRO-0, fp32) holds whole parameters and its files name them. DeepSpeed's optimizers
 also write ``optim_by_name_rank<r>.safetensors``: ZeRO-1/2 hold fragments of flat fp32 partitions (each parameter
-cut at partition borders), bf16 with ZeRO-0 whole fp32 master copies; each rank writes the fragments it holds with
+cut at partition borders), ZeRO-3 an equal slice of every flattened parameter, bf16 with ZeRO-0 whole fp32 master
+copies; each rank writes the fragments it holds with
 where they lie in the whole parameter (every expert), so a save needs no collective and no gathering on one rank.
 Loading assembles the rows this rank's parameters need from every rank's file.
 
@@ -108,7 +109,7 @@ def optimizer_fragments(optimizer, model: torch.nn.Module) -> tuple[dict[str, to
     slices = expert_slices(model)
     tensors, index = {}, {}
     for name, param, start, fragments, step in held:
-        shape = list(param.shape)
+        shape = list(deepspeed_optim.full_shape(param))
         if name in slices:  # this rank holds rows [first, first + count) of the experts' dim 0
             first, count = slices[name]
             start += first * (param.numel() // count)
@@ -124,7 +125,9 @@ def optimizer_fragments(optimizer, model: torch.nn.Module) -> tuple[dict[str, to
 def save_optimizer(engine, model: torch.nn.Module, directory: str, rank: int) -> None:
     """This rank's optimizer and lr-schedule state (``optim_rank<r>.pt``) and, for DeepSpeed's optimizers, the same
     by parameter name (``optim_by_name_rank<r>.safetensors``)."""
-    torch.save({"optimizer": _plain(engine.optimizer.state_dict()), "lr_scheduler": engine.lr_scheduler.state_dict(),
+    # ZeRO-3's own state dict would repeat the by-name file (it resumes from that one on every layout)
+    own = {} if deepspeed_optim.holds_partitions(engine.optimizer) else _plain(engine.optimizer.state_dict())
+    torch.save({"optimizer": own, "lr_scheduler": engine.lr_scheduler.state_dict(),
                 "param_names": optimizer_param_names(engine.optimizer, model)},
                os.path.join(directory, RANK_FILE.format(rank=rank)))
     by_name = optimizer_fragments(engine.optimizer, model)
@@ -139,7 +142,10 @@ def _wanted(model: torch.nn.Module, names: list[str]) -> dict[str, tuple[int, in
     wanted = {}
     for name in names:
         shape, numel = list(params[name].shape), params[name].numel()
-        if name in slices:
+        if deepspeed_optim.is_partitioned(params[name]):  # ZeRO-3: this rank's slice
+            lo, hi, _ = deepspeed_optim.partition_range(params[name])
+            wanted[name] = (lo, hi, list(params[name].ds_shape))
+        elif name in slices:
             first, count = slices[name]
             wanted[name] = (first * numel // count, (first + count) * numel // count,
                             [count * model.dispatcher.ep_size, *shape[1:]])
@@ -185,7 +191,8 @@ def _state_from_fragments(directory: str, world_size: int, model: torch.nn.Modul
         if not bool(mask.all()):
             raise ValueError(f"{directory}: the optimizer state of {name} is incomplete ({int(mask.sum())} of "
                              f"{mask.numel()} values found)")
-        entries[name] = {k: v if k == "step" else v.view(params[name].shape) for k, v in entries[name].items()}
+        if not deepspeed_optim.is_partitioned(params[name]):  # ZeRO-3 slices stay flat
+            entries[name] = {k: v if k == "step" else v.view(params[name].shape) for k, v in entries[name].items()}
     return entries, groups
 
 
@@ -297,7 +304,7 @@ def load_optimizer(engine, model: torch.nn.Module, directory: str, rank: int, sa
     share of every parameter's master weights, optimizer state and step, and every group the checkpoint's
     hyper-parameters and lr schedule."""
     optimizer, scheduler = engine.optimizer, engine.lr_scheduler
-    if saved_layout == layout:
+    if saved_layout == layout and not deepspeed_optim.holds_partitions(optimizer):
         path = os.path.join(directory, RANK_FILE.format(rank=rank))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory} has no optimizer state for rank {rank}")

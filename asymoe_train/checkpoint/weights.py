@@ -1,8 +1,9 @@
 """Consolidated weights: ``model.safetensors`` of a checkpoint or export, and the model a finished stage saved.
 
 Weights are written whole (no pickle), also under expert parallelism: the experts of every expert-parallel rank are
-gathered on rank 0, and loading gives each rank its own slice, for any ``ep_size``. Nothing here needs DeepSpeed or a
-process group except :func:`consolidated_state` under expert parallelism.
+gathered on rank 0, and loading gives each rank its own slice, for any ``ep_size``; under ZeRO-3 every parameter is
+gathered for saving and loading, one at a time. Nothing here needs DeepSpeed or a process group except
+:func:`consolidated_state` under expert parallelism or ZeRO-3 and :func:`load_weights` under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from asymoe_train.checkpoint.deepspeed_optim import gathered, is_partitioned
 from asymoe_train.checkpoint.integrity import verify
 from asymoe_train.config.derive import upcycled_after
 from asymoe_train.config.errors import CheckpointError
@@ -60,9 +62,35 @@ def save_weights(model: torch.nn.Module, path: str, state: dict[str, torch.Tenso
     os.replace(tmp, path)
 
 
+def _aliases(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, list[str]]]:
+    """Every parameter once, with all its names (a tied weight has several)."""
+    found: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        found.setdefault(id(param), (param, []))[1].append(name)
+    return list(found.values())
+
+
+def _load_partitioned(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[set[str], list[str]]:
+    """ZeRO-3: copy each partitioned parameter from ``state`` while it is gathered (a collective per parameter);
+    returns the names handled and the parameters ``state`` lacks."""
+    handled, missing = set(), []
+    for param, names in _aliases(model):
+        if not is_partitioned(param):
+            continue
+        handled.update(names)
+        found = next((name for name in names if name in state), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        with gathered([param], modifier_rank=0), torch.no_grad():
+            param.copy_(state[found])
+    return handled, missing
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load consolidated weights strictly; under expert parallelism each rank reads only its experts' rows. (Not
-    safetensors' ``load_model``: it refuses parameters that are views into one flat buffer, as ZeRO-1/2 makes them.)"""
+    """Load consolidated weights strictly; under expert parallelism each rank reads only its experts' rows, under
+    ZeRO-3 each parameter is gathered, loaded and partitioned again (every rank calls this then). (Not safetensors'
+    ``load_model``: it refuses parameters that are views into one flat buffer, as ZeRO-1/2 makes them.)"""
     slices = expert_slices(model)
     state = {}
     with safe_open(path, framework="pt") as f:
@@ -72,11 +100,14 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                 state[name] = f.get_slice(name)[first : first + count]
             else:
                 state[name] = f.get_tensor(name)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    partitioned, missing_partitioned = _load_partitioned(model, state)
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in partitioned},
+                                                strict=False)
     # a tied weight is stored once, under one of its names
     tensors = {name: (t.data_ptr(), tuple(t.shape), t.stride()) for name, t in model.state_dict().items()}
     loaded = {tensors[name] for name in state if name in tensors}
-    missing = [name for name in missing if tensors[name] not in loaded]
+    missing = [name for name in missing if name not in partitioned and tensors[name] not in loaded]
+    missing += missing_partitioned
     if missing or unexpected:
         raise RuntimeError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -92,9 +123,18 @@ def fp32_weights(path: str, model: torch.nn.Module, names: list[str]) -> dict[st
     return out
 
 
-def consolidated_state(model: torch.nn.Module, expert_parallel) -> dict[str, torch.Tensor] | None:
-    """The model's state dict with every expert of every expert-parallel rank, on global rank 0 (None elsewhere,
-    and without expert parallelism, where the model's own state dict is whole). Every rank calls this."""
+def consolidated_state(model: torch.nn.Module, expert_parallel, rank: int = 0) -> dict[str, torch.Tensor] | None:
+    """The model's state dict with every expert of every expert-parallel rank, or every ZeRO-3 parameter gathered, on
+    global rank 0 (None elsewhere, and without either, where the model's own state dict is whole). Every rank calls
+    this."""
+    if any(is_partitioned(p) for p in model.parameters()):
+        full = {}
+        for param, names in _aliases(model):
+            if is_partitioned(param):
+                with gathered([param]):
+                    copy = param.detach().to("cpu", copy=True) if rank == 0 else None
+                full.update(dict.fromkeys(names, copy))  # one tensor for all names of a tied weight
+        return {**model.state_dict(), **full} if rank == 0 else None
     slices = expert_slices(model)
     if not slices:
         return None

@@ -143,4 +143,4 @@ TRAINABLE_GROUPS = {
     "routers": "MoE routers",
 }
 
-ZERO_STAGES = (0, 1, 2)  # engine.zero_stage; ZeRO-3 is rejected until proven for MoE
+ZERO_STAGES = (0, 1, 2, 3)  # engine.zero_stage; 3 needs expert parallelism 1 (config.validate)

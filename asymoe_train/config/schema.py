@@ -96,8 +96,11 @@ class PoolConfig:
     name: str = MISSING
     expert: ExpertType = ExpertType.ffn
     num_experts: int = MISSING
-    width: int = 1  # hidden width of each expert in multiples of the dense FFN's (ffn experts only); upcycling a
-    # wider expert duplicates the FFN's hidden units and halves their output weights, so it still equals the FFN
+    width: float = 1.0  # hidden width of each expert (its FFN; the memory branch of evidence experts) in multiples of
+    # the dense FFN's: a whole number w >= 1, or 1/S (0.5, 0.25, ...) for fine-grained experts. Upcycling a wider
+    # expert repeats the FFN's hidden units w times; a 1/S-wide expert takes one of S segments of the FFN's hidden
+    # units (expert e takes segment e mod S). Either way the output projection is divided by the width, so a wider
+    # expert equals the FFN and the mean of the S segment experts does (moe.experts.copy_mlp)
 
 
 @dataclass(kw_only=True)
@@ -331,7 +334,7 @@ class CurriculumConfig:
 class EngineConfig:
     """DeepSpeed engine settings."""
 
-    zero_stage: int = 0  # 0-2 (3 is rejected until proven for MoE)
+    zero_stage: int = 0  # 0-3; ZeRO-3 partitions every parameter (experts too) and needs ep_size=1
     precision: Precision = Precision.fp32
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -133,9 +133,7 @@ def _validate_model(cfg: TrainConfig) -> None:
     for i, pool in enumerate(moe.pools):
         _choice(f"model.moe.pools.{i}.expert", pool.expert, EXPERT_TYPES)
         _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
-        _positive(f"model.moe.pools.{i}.width", pool.width)
-        if pool.width != 1 and pool.expert != "ffn":
-            raise ConfigError(f"model.moe.pools.{i}.width={pool.width}: only ffn experts can be widened")
+        _validate_width(f"model.moe.pools.{i}.width", pool.width, cfg.model.lm.intermediate_size)
         if pool.num_experts % cfg.engine.ep_size:
             raise ConfigError(
                 f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "
@@ -200,6 +198,10 @@ def _validate_model(cfg: TrainConfig) -> None:
         raise ConfigError("model.compile_moe=true compiles the native block's pools, which DeepSpeed's MoE layer "
                           "(model.moe.backend=deepspeed) does not call; set model.compile_moe=false or "
                           "model.moe.backend=native")
+    if moe.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+        raise ConfigError("model.moe.backend=deepspeed with engine.zero_stage=3: DeepSpeed's MoE layer refuses "
+                          "ZeRO-3; set model.moe.backend=native (the native block trains under ZeRO-3) or "
+                          "engine.zero_stage=2")
     if moe.backend == "deepspeed":
         vanilla = (len(moe.pools) == 1 and moe.pools[0].expert == "ffn" and moe.pools[0].width == 1
                    and len(moe.routers) == 1 and set(moe.routers[0].modalities) == set(MODALITIES))
@@ -338,18 +340,33 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"{key}: {sorted(both)} set in both lr_scale and lr_groups; keep one")
 
 
+def _validate_width(key: str, width: float, intermediate_size: int) -> None:
+    """An expert width: a whole multiple of the dense FFN, or one of S equal segments of its hidden units."""
+    _positive(key, width)
+    segments = 1 / width
+    if width >= 1 and float(width).is_integer():
+        return
+    if width < 1 and abs(segments - round(segments)) < 1e-9:
+        if intermediate_size and intermediate_size % round(segments):
+            raise ConfigError(f"{key}={width}: the FFN's {intermediate_size} hidden units (model.lm.intermediate_size) "
+                              f"do not split into {round(segments)} equal segments; choose a width 1/S with S dividing "
+                              "them")
+        return
+    raise ConfigError(f"{key}={width}: expert widths are whole multiples of the FFN (1, 2, ...) or fine-grained "
+                      "segments 1/S of it (0.5, 0.25, 0.125, ...)")
+
+
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
     engine = cfg.engine
     if engine.ep_size > 1 and engine.zero_stage == 3:
         raise ConfigError(
             f"engine.ep_size={engine.ep_size} with engine.zero_stage=3: DeepSpeed does not partition expert-parallel "
-            "MoE parameters with ZeRO-3; use engine.zero_stage=2 (or 1, 0) with expert parallelism, or "
-            "engine.ep_size=1"
+            "MoE parameters with ZeRO-3; set engine.ep_size=1 (ZeRO-3 partitions the experts like every other "
+            "parameter), or engine.zero_stage=2 (or 1, 0) with expert parallelism"
         )
     if engine.zero_stage not in ZERO_STAGES:
         raise ConfigError(
-            f"engine.zero_stage={engine.zero_stage} is not supported; use 0, 1 or 2 "
-            "(ZeRO-3 with MoE experts is not supported)"
+            f"engine.zero_stage={engine.zero_stage} is not a ZeRO stage; use one of {list(ZERO_STAGES)}"
         )
     _choice("engine.precision", engine.precision, PRECISIONS)
     if len(engine.adam_betas) != 2:

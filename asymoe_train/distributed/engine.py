@@ -107,6 +107,33 @@ def _experts_count_as_deepspeed_moe(block_type: type) -> Iterator[None]:
         ds_engine.MoE = original
 
 
+def set_moe_blocks_as_z3_leaves(model: torch.nn.Module, block_type: type) -> int:
+    """ZeRO-3: make every MoE block a leaf module, gathered as a whole when it is entered; returns how many.
+
+    ZeRO-3 fetches a module's parameters in hooks it puts on every submodule and prefetches by the order in which it
+    saw them run. Inside an MoE block which experts run, and in which order, depends on the data (a pool with no
+    token on this rank still runs on its empty slice, but its hooks may see other inputs on other ranks), and the
+    block's pieces pass tensors wrapped in objects the hooks cannot see through (``Routing``), so their backward hooks
+    would not fire. As a leaf, the block's parameters are all-gathered once on entry and released on exit, the same
+    collectives on every rank whatever the tokens do, and its gradients are reduced together when the backward pass
+    leaves it. The block's result is a named tuple, so these hooks see all its tensors."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    return len(set_z3_leaf_modules(model, [block_type], raise_if_not_found=False))
+
+
+def zero3_grads_zeroed_on_cpu(optimizer) -> None:
+    """ZeRO-3 on DeepSpeed's CPU accelerator: its optimizer frees gradients with ``Tensor.record_stream`` on the
+    accelerator's current stream, which is None on CPU (DeepSpeed 0.19 guards every other such call with
+    ``is_synchronized_device()``, not this one), so every step would fail. There it zeroes them instead; the
+    gradients of partitioned parameters are freed after their reduction anyway."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_synchronized_device():
+        original = optimizer.zero_grad
+        optimizer.zero_grad = lambda set_to_none=True: original(set_to_none=False)
+
+
 def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfig, total_steps: int,
                  expert_parallel: ExpertParallel | None = None):
     """DeepSpeed engine over the model's trainable parameters with AdamW and cosine-with-warm-up, one optimizer
@@ -137,11 +164,15 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, stage: StageConfi
     optimizer = torch.optim.AdamW(param_groups, lr=stage.lr, betas=tuple(engine.adam_betas), eps=engine.adam_eps,
                                   weight_decay=stage.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, stage.warmup_steps, stage.min_lr_ratio)
+    if engine.zero_stage == 3:
+        set_moe_blocks_as_z3_leaves(model, MoEBlock)
     with treat_as_moe:
         ds_engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(engine, stage),
             dist_init_required=False,
         )
+    if engine.zero_stage == 3:
+        zero3_grads_zeroed_on_cpu(ds_engine.optimizer)
     if expert_parallel is not None:
         # DeepSpeed calls this to clip fp32 gradients without ZeRO, and its version counts only each rank's own
         # experts (see grad_norm); bf16 and ZeRO-1/2 clip inside their optimizers, which count every expert once.

@@ -109,12 +109,13 @@ class VisionLanguageModel(nn.Module):
                 for name, p in block.expert_parameters()}
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(total parameters, parameters activated per token): experts count top_k times, not all."""
+        """(total parameters, parameters activated per token): of the experts, the top_k largest a router reaches
+        (the most any token uses), not all."""
         total = sum(p.numel() for p in self.parameters())
         activated = total
         for block in self.moe_blocks().values():
-            experts_total, per_expert = block.expert_param_count()
-            activated += block.top_k * per_expert - experts_total
+            experts_total, per_token = block.expert_param_count()
+            activated += per_token - experts_total
         return total, activated
 
     # ------------------------------------------------------------------------------------------------------ forward

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,22 +39,43 @@ from asymoe_train.moe.pools import build_pool
 from asymoe_train.moe.router import TopKRouter, balance_from_stats, z_loss
 
 
-@dataclass
-class MoEOutput:
-    """What the block returns: the output, its auxiliary losses and routing statistics (all values, no globals)."""
-
+class _MoEOutputFields(NamedTuple):
     hidden_TD: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # balance (sum over routers), z, evd, order
-    # router name -> assignments per reachable expert (detached, long), and tokens the router served (0-d tensor)
-    expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    router_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    # router name -> its probabilities summed over its tokens per reachable expert (fp32, with gradient); set when the
-    # balance loss is active. With expert_counts, router_tokens and top_k, the statistics of ``losses["balance"]``, so
-    # a trainer can form that loss over the global batch of all data-parallel ranks (``training.losses.total_loss``).
-    router_prob_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    top_k: int = 1
-    # scalar observability (curvature, alpha, s_evd, ...) as detached 0-d tensors: read on the host on log steps only
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: dict[str, torch.Tensor]
+    expert_counts: dict[str, torch.Tensor]
+    router_tokens: dict[str, torch.Tensor]
+    router_prob_sums: dict[str, torch.Tensor]
+    top_k: int
+    stats: dict[str, torch.Tensor]
+
+
+class MoEOutput(_MoEOutputFields):
+    """What the block returns: the output, its auxiliary losses and routing statistics (all values, no globals).
+
+    A named tuple, so module hooks that look for a module's output tensors in tuples and dicts see every one of them
+    (ZeRO-3 gathers an MoE block's parameters again for the backward pass through hooks on its outputs).
+
+    - ``losses``: balance (sum over routers), z, evd, order;
+    - ``expert_counts``, ``router_tokens``: router name -> assignments per reachable expert (detached, long), and
+      tokens the router served (0-d tensor);
+    - ``router_prob_sums``: router name -> its probabilities summed over its tokens per reachable expert (fp32, with
+      gradient); set when the balance loss is active. With expert_counts, router_tokens and top_k, the statistics of
+      ``losses["balance"]``, so a trainer can form that loss over the global batch of all data-parallel ranks
+      (``training.losses.total_loss``);
+    - ``stats``: scalar observability (curvature, alpha, s_evd, ...) as detached 0-d tensors: read on the host on log
+      steps only.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, hidden_TD: torch.Tensor, losses: dict | None = None, expert_counts: dict | None = None,
+                router_tokens: dict | None = None, router_prob_sums: dict | None = None, top_k: int = 1,
+                stats: dict | None = None):
+        return super().__new__(cls, hidden_TD, {} if losses is None else losses,
+                               {} if expert_counts is None else expert_counts,
+                               {} if router_tokens is None else router_tokens,
+                               {} if router_prob_sums is None else router_prob_sums, top_k,
+                               {} if stats is None else stats)
 
 
 class MoEBlock(nn.Module):
@@ -254,11 +275,12 @@ class MoEBlock(nn.Module):
                                  self.num_experts)
         else:
             slot_A = expert_A
-        out.hidden_TD = self.dispatcher(x_TD, token_A, slot_A, weight_TK.reshape(-1), self.num_experts,
-                                        self.run_experts, extra_AD, where=self.name)
+        hidden_TD = self.dispatcher(x_TD, token_A, slot_A, weight_TK.reshape(-1), self.num_experts,
+                                    self.run_experts, extra_AD, where=self.name)
         has_context = any(self.router_context_pools.values())
         computed = {"balance": balance, "z": zl, "evd": evd if has_context and self.cfg.evidence.loss_kind == "routing" else None}
-        out.losses = {k: v for k, v in computed.items() if k in self.active_losses and v is not None}
+        out = out._replace(hidden_TD=hidden_TD, losses={k: v for k, v in computed.items()
+                                                        if k in self.active_losses and v is not None})
         hyp = self.cfg.hyperbolic
         for name, pool in self.pools.items():
             if hasattr(pool, "curvature"):  # hyperbolic pool
@@ -299,10 +321,17 @@ class MoEBlock(nn.Module):
         return [(f"pools.{name}.{n}", p) for name, pool in self.pools.items() for n, p in pool.expert_parameters()]
 
     def expert_param_count(self) -> tuple[int, int]:
-        """(parameters of all experts held here, parameters of the largest single expert)."""
+        """(parameters of all experts held here, expert parameters one token activates at most): for each router,
+        its top_k largest reachable experts (pools of unequal widths and types differ in size), the largest such
+        sum over routers."""
         total = sum(p.numel() for p in self.pools.parameters())
-        largest = max(pool.params_per_expert() for pool in self.pools.values())
-        return total, largest
+        sizes = {name: pool.params_per_expert() for name, pool in self.pools.items()}
+        per_token = 0
+        for router in self.cfg.routers:
+            reached = sorted((sizes[name] for name in router.pools if name in sizes
+                              for _ in range(self.pools[name].num_global_experts)), reverse=True)
+            per_token = max(per_token, sum(reached[: self.top_k]))
+        return total, per_token
 
 
 def compile_block(block: MoEBlock) -> None:

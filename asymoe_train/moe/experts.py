@@ -50,28 +50,48 @@ class Shard:
 WHOLE = Shard()  # every expert: no expert parallelism
 
 
+def mlp_segment(mlp: nn.Module, hidden: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gate [H, D], up [H, D], down [D, H])``: the dense MLP as global expert ``expert`` of ``hidden`` units
+    takes it. An expert w = H / F times as wide (w a whole number) repeats the F hidden units w times; a fine-grained
+    expert (H = F / S) takes segment ``expert mod S``, hidden units [s H, (s + 1) H). The output projection is
+    divided by w (multiplied by S), so a wider expert computes the MLP, and the mean of the S segment experts does
+    too: MLP(x) = sum_s down_s h_s(x) = (1 / S) sum_s expert_s(x), the MoE output when the S segments of a token are
+    all selected with equal combine weights (a router with equal logits over them)."""
+    gate_FD, up_FD, down_DF = mlp_weights(mlp)
+    f = gate_FD.shape[0]
+    if hidden >= f:
+        if hidden % f:
+            raise ValueError(f"cannot upcycle: expert width {hidden} is not a multiple of the MLP's {f} hidden units")
+        width = hidden // f
+        return gate_FD.repeat(width, 1), up_FD.repeat(width, 1), down_DF.repeat(1, width) / width
+    if f % hidden:
+        raise ValueError(f"cannot upcycle: the MLP's {f} hidden units do not split into segments of {hidden}")
+    segments = f // hidden
+    rows = slice((expert % segments) * hidden, (expert % segments + 1) * hidden)
+    return gate_FD[rows], up_FD[rows], down_DF[:, rows] * segments
+
+
 @torch.no_grad()
 def copy_mlp(gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor, mlp: nn.Module,
              noise_std: float = 0.0, generator: torch.Generator | None = None, first_expert: int = 0,
              num_global_experts: int = 0) -> None:
-    """Write a dense SwiGLU MLP (see :func:`mlp_weights`) into stacked expert weights, optionally with relative noise.
-    A w-times wider expert repeats the hidden units w times and divides the down projection by w, which computes the
-    same function. Stacked weights that hold experts ``first_expert..`` of ``num_global_experts`` draw the noise of
-    all of them and keep their own rows, so every expert-parallel layout gets the same experts."""
-    gate_FD, up_FD, down_DF = mlp_weights(mlp)
-    width = gate_EFD.shape[1] // gate_FD.shape[0]
-    for target, source in (
-        (gate_EFD, gate_FD.repeat(width, 1)),
-        (up_EFD, up_FD.repeat(width, 1)),
-        (down_EDF, down_DF.repeat(1, width) / width),
-    ):
-        if target.shape[1:] != source.shape:
-            raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP {tuple(source.shape)}")
-        target.copy_(source.unsqueeze(0).expand_as(target))
+    """Write a dense SwiGLU MLP (see :func:`mlp_weights`) into stacked expert weights, optionally with relative noise:
+    each expert as :func:`mlp_segment` cuts it (whole, repeated, or one segment of the hidden units). Stacked
+    weights that hold experts ``first_expert..`` of ``num_global_experts`` draw the noise of all of them and keep
+    their own rows, so every expert-parallel layout gets the same experts."""
+    hidden = gate_EFD.shape[1]
+    sources = [mlp_segment(mlp, hidden, first_expert + e) for e in range(len(gate_EFD))]
+    scales = [part.float().std() for part in mlp_segment(mlp, hidden, 0)]  # the same on every expert-parallel rank
+    for i, target in enumerate((gate_EFD, up_EFD, down_EDF)):
+        source = torch.stack([parts[i] for parts in sources])
+        if target.shape != source.shape:
+            raise ValueError(f"cannot upcycle: expert weight {tuple(target.shape[1:])} != MLP part "
+                             f"{tuple(source.shape[1:])}")
+        target.copy_(source)
         if noise_std > 0:
             shape = (max(num_global_experts, target.shape[0]), *target.shape[1:])
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)[first_expert : first_expert + len(target)]
-            target.add_(noise.to(target) * noise_std * source.float().std().to(target))
+            target.add_(noise.to(target) * noise_std * scales[i].to(target))
 
 
 class SwiGLUExperts(nn.Module):

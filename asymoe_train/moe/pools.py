@@ -11,20 +11,26 @@ from asymoe_train.moe.experts import WHOLE, Shard, SwiGLUExperts
 from asymoe_train.moe.hyperbolic_experts import HyperbolicExperts
 
 
+def expert_hidden(intermediate: int, width: float) -> int:
+    """The hidden units of an expert of ``width`` (``model.moe.pools.*.width``) over an FFN of ``intermediate``."""
+    return round(intermediate * width)
+
+
 def _ffn(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
-    return SwiGLUExperts(pool.num_experts, hidden, intermediate * pool.width, act, shard)
+    return SwiGLUExperts(pool.num_experts, hidden, expert_hidden(intermediate, pool.width), act, shard)
 
 
 def _evidence(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
     ev = moe.evidence
-    return EvidenceExperts(pool.num_experts, hidden, intermediate, act, num_heads=ev.num_heads,
-                           alpha_init=ev.alpha_init, shard=shard, form=ev.form, score=ev.score)
+    return EvidenceExperts(pool.num_experts, hidden, expert_hidden(intermediate, pool.width), act,
+                           num_heads=ev.num_heads, alpha_init=ev.alpha_init, shard=shard, form=ev.form, score=ev.score)
 
 
 def _hyperbolic(pool, moe, hidden: int, intermediate: int, act: str, shard: Shard) -> nn.Module:
     hyp = moe.hyperbolic
     kwargs = {"init_scale": hyp.init_scale} if hyp.init_scale > 0 else {}
-    return HyperbolicExperts(pool.num_experts, hidden, intermediate, act, geometry=hyp.geometry,
+    return HyperbolicExperts(pool.num_experts, hidden, expert_hidden(intermediate, pool.width), act,
+                             geometry=hyp.geometry,
                              curvature_init=hyp.curvature_init, curvature_min=hyp.curvature_min,
                              curvature_max=hyp.curvature_max, learn_curvature=hyp.learn_curvature, shard=shard,
                              **kwargs)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from asymoe_train.checkpoint.deepspeed_optim import local_data
 from asymoe_train.config.errors import DivergenceError
 
 # Fault injection for tests: "<stage>:<step>,<step>,..." makes the loss of those (0-based) optimizer steps NaN.
@@ -100,7 +101,8 @@ class SkippedSteps:
 
 def all_finite(model: torch.nn.Module, world_size: int = 1) -> bool:
     """Whether every weight of the model is finite on every rank (a collective with several ranks)."""
-    finite = all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+    # what this rank holds: under ZeRO-3 its partition of each parameter
+    finite = all(bool(torch.isfinite(local_data(p).detach()).all()) for p in model.parameters())
     if world_size > 1:
         flag = torch.tensor([int(not finite)], dtype=torch.int64)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

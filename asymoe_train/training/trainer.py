@@ -310,11 +310,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------- eval
     def evaluate_trained(self, model, name: str, stage: StageConfig, path: str, device) -> dict:
-        """Evaluate a stage just trained (rank 0). Under expert parallelism rank 0 evaluates alone, on the
-        consolidated weights with every expert local (an all-to-all would wait for ranks that do not evaluate)."""
+        """Evaluate a stage just trained (rank 0). Under expert parallelism or ZeRO-3 rank 0 evaluates alone, on the
+        consolidated weights with every expert and parameter local (an all-to-all or a parameter gather would wait
+        for ranks that do not evaluate)."""
         if not stage.eval or self.rank != 0:
             return {}
-        if self.expert_parallel:
+        if self.expert_parallel or self.cfg.engine.zero_stage == 3:
             model = load_stage_model(self.cfg.model, self.cfg.curriculum.stages, self.run_dir, name,
                                      self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed, path)
             model.to(device, self.dtype)
