@@ -91,6 +91,9 @@ BAD_CHOICES = [  # (variant, dotted key of a StrEnum choice, a value outside it)
     ("dense", "engine.precision", "fp16"),
     ("dense", "model.lm.type", "gpt2"),
     ("dense", "data.augment", "mixup"),
+    ("vanilla", "model.moe.backend", "megablocks"),
+    ("asymoe_paper", "model.moe.evidence.form", "concat"),
+    ("asymoe_paper", "model.moe.hyperbolic.cone_form", "round"),
 ]
 
 

@@ -291,7 +291,6 @@ def test_consolidated_weights_load_on_any_expert_parallel_rank(tmp_path, demo_da
 @pytest.mark.parametrize("overrides,world_size,key", [
     (["model/moe=moiie", "model.moe.backend=deepspeed"], 1, "model.moe.backend"),  # moiie is not vanilla
     (["model/moe=vanilla", "model.moe.backend=deepspeed", "model.moe.top_k=1"], 1, "model.moe.top_k"),
-    (["model.moe.backend=megablocks"], 1, "model.moe.backend"),
     (["model/moe=moiie", "engine.ep_size=2", "engine.zero_stage=3"], 2, "engine.ep_size=2 with engine.zero_stage=3"),
     (["model/moe=asymoe", "engine.ep_size=2"], 2, "model.moe.pools.0.num_experts"),  # 1 vision expert
     (["model/moe=moiie", "engine.ep_size=2"], 3, "engine.ep_size"),

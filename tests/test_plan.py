@@ -26,9 +26,9 @@ GIB = 1024**3
 
 
 def llama3_8b_by_hand() -> dict[str, float]:
-    """SigLIP-so400m-384 + 2-layer GELU projector + Llama-3-8B, AsyMoE pools as the recipe sets them (vision 1,
-    hyperbolic 2, text 1 of half the FFN's width; evidence 1 of its whole width; top-2) in the 16 odd decoder layers,
-    from the published sizes."""
+    """SigLIP-so400m-384 + 2-layer GELU projector + Llama-3-8B, the paper's AsyMoE pools as the recipe sets them
+    (model/moe=asymoe_paper: vision, hyperbolic and text experts of a quarter of the FFN's width, the paper-form
+    evidence expert of half its width; top-2) in the 16 odd decoder layers, from the published sizes."""
     # SigLIP-so400m-patch14-384: width W, MLP M, 27 layers, (384 // 14)^2 = 729 patches, attention-pooling head
     W, M, patches = 1152, 4304, (384 // 14) ** 2
     attention = 4 * (W * W + W)  # q, k, v, o with biases
@@ -43,14 +43,16 @@ def llama3_8b_by_hand() -> dict[str, float]:
     llama = 2 * V * D + 32 * (2 * D * D + 2 * D * kv + ffn + 2 * D) + D
     projector = (W * D + D) + (D * D + D)
     dense = siglip + llama + projector
-    # per MoE layer: 2 FFN experts of F / 2 hidden units; 2 hyperbolic ones of F / 2 with biases and Lorentz time
-    # columns (4 F / 2 + 2D) and a pre-scale, plus the pool's curvature; 1 evidence expert = FFN + q, k, v, o (4 D^2)
-    # + null key (D) + gate; routers over {vision, hyperbolic} (3) and {text, hyperbolic, evidence} (4)
-    half = 3 * D * (F // 2)
-    hyperbolic = half + 4 * (F // 2) + 2 * D + 1
-    evidence = ffn + 4 * D * D + D + 1
-    experts = 2 * half + 2 * hyperbolic + 1 + evidence
-    routers = (3 + 4) * D
+    # per MoE layer: 2 FFN experts of F / 4 hidden units; 1 hyperbolic one of F / 4 with biases and Lorentz time
+    # columns (4 F / 4 + 2D) and a pre-scale (its curvature is fixed: a buffer); 1 paper-form evidence expert of
+    # F / 2: memory FFN (3 D F / 2) + evidence FFN over [h; Attn] (gate and up 2D -> F / 2, down: 5 D F / 2) + q, k, v
+    # (3 D^2) + null key (D) + per-token gate (D + 1) + learned score weight (D); routers over {vision, hyperbolic}
+    # (2) and {text, hyperbolic, evidence} (3)
+    quarter = 3 * D * (F // 4)
+    hyperbolic = quarter + 4 * (F // 4) + 2 * D + 1
+    evidence = 8 * D * (F // 2) + 3 * D * D + 3 * D + 1
+    experts = 2 * quarter + hyperbolic + evidence
+    routers = (2 + 3) * D
     upcycled = dense + 16 * (experts + routers - ffn)
     # top-2 of the largest experts a router reaches: the text router's evidence and hyperbolic experts
     activated = upcycled - 16 * experts + 16 * (evidence + hyperbolic)
