@@ -27,7 +27,7 @@ Layout of ``--out`` (the same webdataset layout as data_recipes/easy_vqa.py)::
                                 position (left of / right of / above / below another object, yes or no)
     qa-cp_train-*.tar, qa-cp_test-*.tar   the changing-priors split of the train pairs, as in easy_vqa
     qa-pope_random-*.tar, qa-pope_popular-*.tar, qa-pope_adversarial-*.tar
-                                POPE on the held-out images: "is there a <class> in the image?" for up to 3 present
+                                POPE on the held-out images: "is there a/an <class> in the image?" for up to 3 present
                                 classes and as many absent ones, sampled at random, among the most frequent training
                                 classes (popular), or among those that co-occur most in training with the image's
                                 classes (adversarial); turns carry "pope": <setting>
@@ -211,7 +211,7 @@ def relation_holds(a: Obj, b: Obj, relation: str) -> bool | None:
 
 
 def existence_question(name: str) -> str:
-    return f"is there a {name} in the image?"
+    return f"is there {'an' if name[0] in 'aeiou' else 'a'} {name} in the image?"
 
 
 def qa_pairs(image_id: int, objects: Sequence[Obj], rng: random.Random) -> list[Pair]:

@@ -90,15 +90,20 @@ def evaluate_stage(model, cfg: TrainConfig, decoder: Callable[[], SampleDecoder]
         logged.update({f"probe/image_attention/L{i}": m for i, m in enumerate(mass)})
         log.info(f"grounding probe ({split}, {report['grounding']['positions']} answer positions): attention "
                  f"mass on image tokens per layer {[round(m, 3) for m in mass]}")
-    os.makedirs(os.path.join(cfg.run_dir, "eval"), exist_ok=True)
-    with open(report_path(cfg.run_dir, stage), "w", encoding="utf-8") as f:
+    write_report(cfg.run_dir, stage, report, questions)
+    print_eval(f"after stage {stage}", results)
+    return results, logged
+
+
+def write_report(run_dir: str, stage: str, report: dict, questions: dict[str, list[dict]]) -> None:
+    """``eval/<stage>.json`` and, one line per question of each split, ``eval/<stage>-questions.jsonl``."""
+    os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+    with open(report_path(run_dir, stage), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    with open(questions_path(cfg.run_dir, stage), "w", encoding="utf-8") as f:
+    with open(questions_path(run_dir, stage), "w", encoding="utf-8") as f:
         for split, records in questions.items():
             for index, record in enumerate(records):
                 f.write(json.dumps({"split": split, "index": index, **record}) + "\n")
-    print_eval(f"after stage {stage}", results)
-    return results, logged
 
 
 def print_eval(when: str, results: dict) -> None:
