@@ -110,17 +110,18 @@ def print_eval(when: str, results: dict) -> None:
     """The accuracy table (split x family) and, for POPE splits, the POPE table (split/setting x metric)."""
     keys = sorted({k for r in results.values() for k in r["breakdown"]}, key=lambda k: (k != "all", k))
     log.info(f"eval {when} (exact match):")
-    log.info(f"  {'split':<12}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}"
+    width = max([12, *(len(split) + 2 for split in results)])
+    log.info(f"  {'split':<{width}}" + "".join(f"{k.replace('family/', ''):>12}" for k in keys) + f"{'questions':>11}"
              + f"{'skipped':>9}")
     for split, r in results.items():
         cells = "".join(
             f"{r['breakdown'][k]['accuracy']:>12.3f}" if k in r["breakdown"] else f"{'-':>12}" for k in keys
         )
-        log.info(f"  {split:<12}{cells}{r['num_questions']:>11}{sum(r.get('skipped', {}).values()):>9}")
+        log.info(f"  {split:<{width}}{cells}{r['num_questions']:>11}{sum(r.get('skipped', {}).values()):>9}")
     pope = [(split, setting, row) for split, r in results.items() for setting, row in r.get("pope", {}).items()]
     if pope:
         log.info("  POPE (positive class: yes):")
-        log.info(f"  {'split':<20}{'setting':<13}" + "".join(f"{m:>11}" for m in POPE_METRICS) + f"{'questions':>11}")
+        log.info(f"  {'split':<{width}}{'setting':<13}" + "".join(f"{m:>11}" for m in POPE_METRICS) + f"{'questions':>11}")
         for split, setting, row in pope:
-            log.info(f"  {split:<20}{setting:<13}" + "".join(f"{row[m]:>11.3f}" for m in POPE_METRICS)
+            log.info(f"  {split:<{width}}{setting:<13}" + "".join(f"{row[m]:>11.3f}" for m in POPE_METRICS)
                      + f"{row['count']:>11}")
