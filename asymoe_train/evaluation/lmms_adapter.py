@@ -48,7 +48,8 @@ class AsymoeTrain(lmms):
             visuals[0].convert("RGB").save(buffer, format="PNG")
             answer = generate(self.model, self.tokenizer, self.meta, buffer.getvalue(), context,
                               gen_kwargs.get("max_new_tokens"))
-            for stop in gen_kwargs.get("until") or []:
+            until = gen_kwargs.get("until") or []
+            for stop in [until] if isinstance(until, str) else until:
                 if stop and stop in answer:
                     answer = answer[: answer.index(stop)]
             answers.append(answer)
