@@ -4,13 +4,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
-DATA := data/easy_vqa
+# the demo data set: easy_vqa, or scenes (data_recipes/<DATA>.py builds data/<DATA>)
+DATA ?= easy_vqa
 ABLATION_SEEDS ?= 0 1 2
 export OMP_NUM_THREADS ?= 2
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT := true
 
-.PHONY: help install data train test lint bench ablation clean
+.PHONY: help install data data-scenes train test lint bench ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,10 +27,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install torch (CPU wheel on CPU machines), the package and dev tools
 
-$(DATA)/manifest.json: $(VENV)/.installed data_recipes/easy_vqa.py data_recipes/recipe_common.py
-	$(PY) data_recipes/easy_vqa.py --out $(DATA)
+data/$(DATA)/manifest.json: $(VENV)/.installed data_recipes/$(DATA).py data_recipes/recipe_common.py
+	$(PY) data_recipes/$(DATA).py --out data/$(DATA)
 
-data: $(DATA)/manifest.json ## build the easy-vqa demo shards and tokenizer under data/easy_vqa
+data: data/$(DATA)/manifest.json ## build the demo shards and tokenizer under data/$(DATA) (DATA=easy_vqa, or DATA=scenes)
+
+data-scenes: ## render the multi-object scenes (captions, QA, POPE probes) under data/scenes: make data DATA=scenes
+	$(MAKE) data DATA=scenes
 
 train: install data ## run the two-stage CPU demo (experiment=demo) end to end; ARGS="..." adds overrides
 	$(VENV)/bin/asymoe-train experiment=demo $(ARGS)
@@ -63,12 +67,13 @@ bench: install data ## MoE block, demo and LLaVA-shaped packed training-step thr
 			--out docs/benchmarks.md || exit 1; \
 	else echo "make bench: no CUDA GPU here, so no bf16 GPU tables"; fi
 
-ablation: install data ## the six variants x 3 seeds on a smaller demo budget (about an hour on 2 CPU cores), then docs/results.md
+ablation: install data ## the six variants x 3 seeds on a smaller demo budget (about an hour on 2 CPU cores; DATA=scenes: the scenes budget, with POPE), then docs/results.md (DATA=scenes: docs/results_scenes.md)
 	$(PY) -m pip install -q -e ".[report]"
-	$(PY) benchmarks/ablation.py --seeds $(ABLATION_SEEDS) --out docs/results.md -- $(ARGS)
+	$(PY) benchmarks/ablation.py --experiment $(if $(filter scenes,$(DATA)),ablation_scenes,ablation) \
+		--seeds $(ABLATION_SEEDS) --out docs/results$(if $(filter scenes,$(DATA)),_scenes).md -- $(ARGS)
 
 lint: install ## ruff over the package, recipes and tests
 	$(VENV)/bin/ruff check asymoe_train data_recipes tests benchmarks
 
 clean: ## remove outputs and the demo shards (keeps .venv)
-	rm -rf outputs multirun $(DATA)
+	rm -rf outputs multirun data/$(DATA)

@@ -1,11 +1,13 @@
-"""``make ablation``: the six variants x seeds on one step budget (conf/experiment/ablation.yaml), then the report.
+"""``make ablation``: the six variants x seeds on one step budget (conf/experiment/ablation.yaml, or
+ablation_scenes.yaml with ``--experiment ablation_scenes``: ``make ablation DATA=scenes``), then the report.
 
 Per seed: one run of the dense stage 1 (align), then one Hydra multirun over the variants whose stage 2 starts from
 that checkpoint (``init_from``), so the variants of a seed differ in nothing but ``model/moe``; finally
 ``benchmarks/ablation_report.py`` over all of them writes docs/results.md and its plots. Each command is printed
 before it runs; a failed one stops the ablation (rerunning with the same ``--root`` skips the finished align runs).
 
-    python benchmarks/ablation.py --seeds 0 1 2 --out docs/results.md [-- hydra overrides for every run]
+    python benchmarks/ablation.py [--experiment ablation_scenes] --seeds 0 1 2 --out docs/results.md
+        [-- hydra overrides for every run]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def run(cmd: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="ablation",
+                        help="the experiment config of every run: ablation (easy-vqa) or ablation_scenes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default=f"outputs/ablation/{datetime.now():%Y%m%d-%H%M%S}",
                         help="directory of all the runs (default: outputs/ablation/<time>)")
@@ -33,7 +37,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
     args = parser.parse_args()
 
-    cli, base = [sys.executable, "-m", "asymoe_train.cli"], ["experiment=ablation", "logger.progress=false"]
+    cli, base = [sys.executable, "-m", "asymoe_train.cli"], [f"experiment={args.experiment}", "logger.progress=false"]
     root = os.path.abspath(args.root)
     for seed in args.seeds:
         align = os.path.join(root, f"align-seed{seed}")
@@ -44,7 +48,8 @@ def main() -> None:
                  "~curriculum.stages.instruct"])
         run([*cli, "--multirun", *base, f"seed={seed}", f"init_from={checkpoint}",
              f"hydra.sweep.dir={os.path.join(root, f'seed{seed}')}", *args.overrides])
-    command = "make ablation" + (f" ARGS=\"{' '.join(args.overrides)}\"" if args.overrides else "")
+    command = "make ablation" + (" DATA=scenes" if args.experiment == "ablation_scenes" else "") \
+        + (f" ARGS=\"{' '.join(args.overrides)}\"" if args.overrides else "")
     run([sys.executable, os.path.join(HERE, "ablation_report.py"), root, "--out", args.out, "--command", command])
 
 

@@ -28,7 +28,9 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablation_diagnostics import diagnostics_plot, diagnostics_tables  # noqa: E402
 from moe_block import commit, machine  # noqa: E402
+from paired_report import paired_section, pope_plot, pope_splits, pope_table  # noqa: E402
 
+# easy-vqa's; a report takes its splits (POPE splits aside) and families from the runs (accuracy_columns)
 FAMILIES = ("all", "family/colour", "family/shape", "family/yes/no")
 SPLITS = ("test", "cp_test")
 PARAMS = re.compile(r"after upcycling: total ([\d.]+[kMB]?), activated per token ([\d.]+[kMB]?)")
@@ -125,13 +127,21 @@ def accuracies(runs: list[dict], split: str, family: str) -> list[float]:
     return [a for r in runs if (a := accuracy(r["splits"], split, family)) is not None]
 
 
-def table(runs_by_variant: dict[str, list[dict]], blind: dict) -> list[str]:
-    columns = [f"{split} {family.replace('family/', '')}" for split in SPLITS for family in FAMILIES]
+def accuracy_columns(runs: list[dict]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The non-POPE eval splits and the families (``all`` first) the runs report."""
+    pope = set(pope_splits(runs))
+    splits = tuple(dict.fromkeys(s for r in runs for s in r["splits"] if s not in pope))
+    families = {k for r in runs for s in splits for k in r["splits"].get(s, {}).get("breakdown", {})}
+    return splits, ("all", *sorted(families - {"all"}))
+
+
+def table(runs_by_variant: dict[str, list[dict]], blind: dict, splits=SPLITS, families=FAMILIES) -> list[str]:
+    columns = [f"{split} {family.replace('family/', '')}" for split in splits for family in families]
     lines = ["| variant | seeds | params: activated / total | " + " | ".join(columns)
              + " | final LM loss | stage-2 tokens/s | stage-2 minutes |",
              "| --- " * (6 + len(columns)) + "|"]
     for variant, runs in runs_by_variant.items():
-        cells = [mean_spread(accuracies(runs, split, family)) for split in SPLITS for family in FAMILIES]
+        cells = [mean_spread(accuracies(runs, split, family)) for split in splits for family in families]
         losses = [r["curve"][-1][1] for r in runs if r["curve"]]
         speeds = [statistics.mean(r["tokens_per_s"]) for r in runs if r["tokens_per_s"]]
         minutes = [r["minutes"] for r in runs if r["minutes"] is not None]
@@ -141,14 +151,16 @@ def table(runs_by_variant: dict[str, list[dict]], blind: dict) -> list[str]:
                      + (f"{statistics.mean(speeds):,.0f}" if speeds else "-") + " | "
                      + (f"{statistics.mean(minutes):.1f}" if minutes else "-") + " |")
     cells = [f"{a:.3f}" if (a := accuracy(blind, split, family)) is not None else "-"
-             for split in SPLITS for family in FAMILIES]
+             for split in splits for family in families]
     lines.append(f"| {BLIND} | - | - | " + " | ".join(cells) + " | - | - | - |")
     return lines
 
 
-def plots(runs_by_variant: dict[str, list[dict]], blind: dict, directory: str) -> list[str]:
-    """Accuracy (overall per split, and changing-priors per family) with the blind baseline, the grounding probe per
-    layer, and the stage-2 LM loss curves; returns the files written (relative names)."""
+def plots(runs_by_variant: dict[str, list[dict]], blind: dict, directory: str, splits=SPLITS,
+          families=FAMILIES) -> list[str]:
+    """Accuracy (overall per split, and the last split per family) with the blind baseline, the grounding probe per
+    layer, the stage-2 LM loss curves, and POPE F1 when there are POPE splits; returns the files written (relative
+    names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,8 +175,8 @@ def plots(runs_by_variant: dict[str, list[dict]], blind: dict, directory: str) -
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    groups = [("overall", [(split, "all") for split in SPLITS]),
-              ("cp_test per family", [("cp_test", family) for family in FAMILIES[1:]])]
+    groups = [("overall", [(split, "all") for split in splits]),
+              (f"{splits[-1]} per family", [(splits[-1], family) for family in families[1:]])]
     for ax, (title, cells) in zip(axes, groups, strict=True):
         width = 0.8 / len(variants)
         for v, variant in enumerate(variants):
@@ -213,6 +225,8 @@ def plots(runs_by_variant: dict[str, list[dict]], blind: dict, directory: str) -
     fig.savefig(os.path.join(directory, "loss.png"), dpi=120)
     plt.close(fig)
     written.append("loss.png")
+    if pope_plot(runs_by_variant, os.path.join(directory, "pope.png")):
+        written.append("pope.png")
     return written
 
 
@@ -226,6 +240,18 @@ def grounding_table(runs_by_variant: dict[str, list[dict]]) -> list[str]:
     for variant, curves in probed.items():
         lines.append(f"| {variant} | " + " | ".join(mean_spread([c[i] for c in curves]) for i in range(layers)) + " |")
     return lines
+
+
+def data_description(run: dict, splits: tuple[str, ...]) -> str:
+    """What the runs train on and are scored on, from the config."""
+    cfg = run["config"]
+    if cfg["data"]["name"] == "easy_vqa":
+        return ("Each variant is trained on the easy-vqa changing-priors train split and evaluated by exact match on "
+                "the standard test split (`test`) and the changing-priors test split (`cp_test`, where the answer "
+                "priors of training no longer hold), overall and per question family.")
+    source = list(cfg["curriculum"]["stages"].values())[-1]["source"]
+    return (f"Each variant is trained on the {cfg['data']['name']} `{source}` source and evaluated by exact match on "
+            + ", ".join(f"`{s}`" for s in splits) + ", overall and per question family.")
 
 
 def budget(run: dict) -> str:
@@ -245,6 +271,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding them")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--command", default="make ablation", help="what produced the runs, for the document")
+    parser.add_argument("--reference", default="vanilla",
+                        help="the variant every other is compared with, paired over seeds and questions")
     args = parser.parse_args()
 
     all_dirs = run_dirs(args.runs)
@@ -264,7 +292,8 @@ def main() -> None:
     wall = (stamps[-1] - stamps[0]).total_seconds() / 60 if len(stamps) > 1 else None
     aligned = sorted({r["config"].get("init_from") for r in runs if r["config"].get("init_from")})
     figure_dir = os.path.splitext(args.out)[0]
-    figures = plots(by_variant, blind, figure_dir)
+    splits, families = accuracy_columns(runs)
+    figures = plots(by_variant, blind, figure_dir, splits, families)
     figures += diagnostics_plot(by_variant, figure_dir)
     relative = os.path.basename(figure_dir)
     lines = [
@@ -274,9 +303,7 @@ def main() -> None:
         f"{len(runs)} runs of `{args.command}` at commit {commit()}, on {machine()}"
         + (f"; the whole command took {wall:.0f} minutes (first log line to last)." if wall else "."),
         "",
-        "Each variant is trained on the easy-vqa changing-priors train split and evaluated by exact match on the "
-        "standard test split (`test`) and the changing-priors test split (`cp_test`, where the answer priors of "
-        "training no longer hold), overall and per question family. `a ± b` is the mean and standard deviation over "
+        data_description(runs[0], splits) + " `a ± b` is the mean and standard deviation over "
         "seeds; runs whose configs differ in more than the seed are separate rows, named by a digest of their config. "
         f"The `{BLIND}` row answers every question with the training split's most common answer to the same question "
         "text (the family's for a text never seen), without the image: what answer priors alone earn.",
@@ -286,7 +313,7 @@ def main() -> None:
            f"(`init_from`, {len(aligned)} such runs): the variants differ in nothing but `model/moe`."
            if aligned else ""),
         "",
-        *table(by_variant, blind),
+        *table(by_variant, blind, splits, families),
         "",
         *[f"![{name}]({relative}/{name})" for name in figures],
         "",
@@ -303,10 +330,17 @@ def main() -> None:
                   "(special and answer) positions; R_k = (f_intact - f_blanked) / (f_intact + f_blanked), f its share "
                   "of its router's assignments with the image intact and blanked (positive: chosen more when there "
                   "is evidence); and the attention entropy per decoder layer:", "", *diagnostics, ""]
+    pope = pope_table(by_variant)
+    if pope:
+        lines += ["**POPE** (yes/no existence questions on held-out images, half about objects that are there; the absent "
+                  "ones sampled at random, among the most frequent training objects (popular), or among those that "
+                  "co-occur most in training with the image's objects (adversarial); positive class: yes; mean ± std "
+                  "over seeds):", "", *pope, ""]
+    lines += paired_section(by_variant, args.reference)
     lines += ["Runs: " + ", ".join(f"`{os.path.relpath(r['path'])}`" for r in runs), ""]
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    print("\n".join(table(by_variant, blind)))
+    print("\n".join(table(by_variant, blind, splits, families)))
     print(f"wrote {args.out} and {', '.join(os.path.join(figure_dir, n) for n in figures)}")
 
 

@@ -48,7 +48,6 @@ import argparse
 import importlib.machinery
 import importlib.util
 import json
-import math
 import os
 import random
 import re
@@ -62,7 +61,7 @@ from types import ModuleType
 from typing import Any
 
 import recipe_common  # data_recipes/recipe_common.py (see its docstring for how it is found)
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers
 
 
 def _import_easy_vqa_package() -> ModuleType:
@@ -256,34 +255,7 @@ def derive_attributes(pairs: Iterable[Pair]) -> dict[int, Attributes]:
     }
 
 
-def changing_priors_split(
-    pairs: Sequence[Pair], seed: int, major_fraction: float
-) -> tuple[list[Pair], list[Pair], dict[str, dict[str, list[str]]]]:
-    """Partition ``pairs`` into (cp_train, cp_test) with shifted answer priors per qtype.
-
-    Also returns, per qtype, its answer halves ``{"A": [...], "B": [...]}`` (each sorted). Each qtype has
-    its own string-seeded RNG (stable across runs, unlike ``hash()``), used first to shuffle the answers
-    and then for the per-pair draws in dataset order, so adding or reordering other qtypes changes nothing.
-    """
-    indices_by_qtype: dict[str, list[int]] = defaultdict(list)
-    for index, pair in enumerate(pairs):
-        indices_by_qtype[pair.qtype].append(index)
-    to_cp_train = [False] * len(pairs)
-    halves: dict[str, dict[str, list[str]]] = {}
-    for qtype in sorted(indices_by_qtype):
-        indices = indices_by_qtype[qtype]
-        rng = random.Random(f"{seed}:{qtype}")
-        answers = sorted({pairs[index].answer for index in indices})
-        rng.shuffle(answers)
-        cut = math.ceil(len(answers) / 2)
-        half_a = set(answers[:cut])
-        halves[qtype] = {"A": sorted(answers[:cut]), "B": sorted(answers[cut:])}
-        for index in indices:
-            keep_probability = major_fraction if pairs[index].answer in half_a else 1.0 - major_fraction
-            to_cp_train[index] = rng.random() < keep_probability
-    cp_train = [pair for pair, flag in zip(pairs, to_cp_train) if flag]
-    cp_test = [pair for pair, flag in zip(pairs, to_cp_train) if not flag]
-    return cp_train, cp_test, halves
+changing_priors_split = recipe_common.changing_priors_split
 
 
 def sample_key(source_split: str, image_id: int) -> str:
@@ -381,22 +353,7 @@ def write_shards(out_dir: Path, prefix: str, samples: Sequence[Sample], images_p
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE over ``texts``; the special tokens take ids 0..3 in ``SPECIAL_TOKENS`` order."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-        # All 256 byte symbols, so that any text (not just what the corpus contains) stays encodable.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected_id:
-            raise RuntimeError(f"tokenizer gave {token!r} id {tokenizer.token_to_id(token)}, expected {expected_id}")
-    return tokenizer
+    return recipe_common.train_tokenizer(texts, vocab_size, SPECIAL_TOKENS)
 
 
 def _split_entry(kind: str, source: str, samples: Sequence[Sample], shards: list[dict[str, Any]]) -> dict[str, Any]:

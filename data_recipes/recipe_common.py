@@ -13,13 +13,17 @@ is never put on sys.path, where easy_vqa.py would shadow the easy_vqa package.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from webdataset import TarWriter
 
 Manifest = dict[str, Any]
@@ -108,3 +112,70 @@ class ShardSink:
             self._writer.close()
             self._stream.close()
             self._stream = self._writer = None
+
+
+class QAPair(Protocol):
+    qtype: str
+    answer: str
+
+
+PairT = TypeVar("PairT", bound=QAPair)
+
+
+def changing_priors_split(
+    pairs: Sequence[PairT], seed: int, major_fraction: float
+) -> tuple[list[PairT], list[PairT], dict[str, dict[str, list[str]]]]:
+    """Partition ``pairs`` (anything with ``qtype`` and ``answer``) into (cp_train, cp_test) with shifted answer
+    priors per qtype, after Agrawal et al.'s VQA-CP.
+
+    For every qtype, its sorted distinct answers are shuffled and cut into halves A (first ceil(n/2)) and B; a pair
+    whose answer is in A goes to cp_train with probability ``major_fraction`` (else cp_test), one in B with
+    probability ``1 - major_fraction``. Also returns, per qtype, its answer halves ``{"A": [...], "B": [...]}``
+    (each sorted). Each qtype has its own string-seeded RNG (stable across runs, unlike ``hash()``), used first to
+    shuffle the answers and then for the per-pair draws in dataset order, so adding or reordering other qtypes
+    changes nothing.
+    """
+    indices_by_qtype: dict[str, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        indices_by_qtype[pair.qtype].append(index)
+    to_cp_train = [False] * len(pairs)
+    halves: dict[str, dict[str, list[str]]] = {}
+    for qtype in sorted(indices_by_qtype):
+        indices = indices_by_qtype[qtype]
+        rng = random.Random(f"{seed}:{qtype}")
+        answers = sorted({pairs[index].answer for index in indices})
+        rng.shuffle(answers)
+        cut = math.ceil(len(answers) / 2)
+        half_a = set(answers[:cut])
+        halves[qtype] = {"A": sorted(answers[:cut]), "B": sorted(answers[cut:])}
+        for index in indices:
+            keep_probability = major_fraction if pairs[index].answer in half_a else 1.0 - major_fraction
+            to_cp_train[index] = rng.random() < keep_probability
+    cp_train = [pair for pair, flag in zip(pairs, to_cp_train) if flag]
+    cp_test = [pair for pair, flag in zip(pairs, to_cp_train) if not flag]
+    return cp_train, cp_test, halves
+
+
+def min_vocab_size(special_tokens: Sequence[str]) -> int:
+    """The smallest BPE vocabulary :func:`train_tokenizer` accepts: the special tokens and the 256 byte symbols."""
+    return len(special_tokens) + len(pre_tokenizers.ByteLevel.alphabet())
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str]) -> Tokenizer:
+    """Byte-level BPE over ``texts``; ``special_tokens`` take ids 0, 1, ... in their order."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(special_tokens),
+        # All 256 byte symbols, so that any text (not just what the corpus contains) stays encodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for expected_id, token in enumerate(special_tokens):
+        if tokenizer.token_to_id(token) != expected_id:
+            raise RuntimeError(f"tokenizer gave {token!r} id {tokenizer.token_to_id(token)}, expected {expected_id}")
+    return tokenizer

@@ -121,6 +121,19 @@ def demo_data(recipe, tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def scenes_data(tmp_path_factory) -> str:
+    """The multi-object scenes shards: the repo's data/scenes when built, else a small build in a temp dir."""
+    repo_data = os.path.join(ROOT, "data", "scenes")
+    if os.path.isfile(os.path.join(repo_data, "manifest.json")):
+        return repo_data
+    module = load_recipe("scenes")
+    out = str(tmp_path_factory.mktemp("scenes") / "scenes")
+    module.build(out, train_images=200, test_images=40, pope_images=20)
+    unload_recipe(module)
+    return out
+
+
 # ------------------------------------------------------------------------------- the short demo on 1 and 2 processes
 # Session-scoped: tests/test_ep.py checks these runs' numerics and tests/test_distributed.py their data streams, so
 # each launch (seconds of imports per process) happens once. The commands are tests/test_ep.py's ``train``.

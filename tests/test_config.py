@@ -29,8 +29,10 @@ def load(demo_data: str, *overrides: str):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(experiment, demo_data):
+def test_every_experiment_composes_and_validates(experiment, demo_data, request):
     cfg = load(demo_data, f"experiment={experiment}")
+    if cfg.data.name == "scenes":  # its shards, not the demo's
+        cfg = load(request.getfixturevalue("scenes_data"), f"experiment={experiment}")
     if cfg.model.backbone.lm_path or cfg.model.backbone.vision_path:
         # real-scale recipes: weights and data live elsewhere (tests/test_plan.py checks that they are asked for)
         validate(cfg, world_size=8, files=False)
@@ -122,6 +124,18 @@ def test_world_size_must_be_divisible_by_ep_size(demo_data):
     cfg.engine.ep_size = 2
     with pytest.raises(ConfigError, match="engine.ep_size"):
         validate(cfg, world_size=3)
+
+
+def test_evaluation_during_a_stage_needs_every_weight_on_rank_0(demo_data):
+    cfg = load(demo_data, "model/moe=vanilla", "eval.every_steps=50")
+    validate(cfg, world_size=2)  # data parallel: rank 0 holds every weight
+    cfg.engine.ep_size = 2
+    with pytest.raises(ConfigError, match=r"eval\.every_steps=50 with engine\.ep_size=2"):
+        validate(cfg, world_size=2)
+    cfg.eval.every_steps = -1
+    cfg.engine.ep_size = 1
+    with pytest.raises(ConfigError, match=r"eval\.every_steps"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("override,key", [("model.moe.top_k=two", "model.moe.top_k"),

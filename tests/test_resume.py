@@ -158,6 +158,21 @@ def test_resume_after_a_kill_right_after_a_stage_boundary(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_evaluation_during_training_changes_nothing_and_resumes_exactly(tmp_path, reference):
+    """eval.every_steps evaluates mid-stage on rank 0 and logs it; the losses and samples of every step are those of
+    the run without it (the reference), across a kill and resume=auto too."""
+    run_dir, every = tmp_path / "run", "eval.every_steps=3"
+    train_until(run_dir, lambda: 5 in logged_steps(run_dir, "instruct"), every)
+    train(run_dir, "resume=auto", every)
+    assert_same_run(run_dir, reference)
+    with open(run_dir / "metrics.jsonl") as f:
+        evaluated = {r["step"]: r for r in map(json.loads, f) if "eval/test/all" in r and "loss/lm" not in r}
+    # instruct steps 3 and 6 (global 7 and 10; align does not evaluate) and its end (global 12)
+    assert sorted(evaluated) == [7, 10, 12]
+    assert all(0.0 <= r["eval/test/all"] <= 1.0 and "eval/cp_test/all" in r for r in evaluated.values())
+
+
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(command(run_dir, "checkpoint.every_steps=0"), stdout=subprocess.PIPE,

@@ -379,9 +379,15 @@ class TrainingConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Exact-match VQA evaluation by greedy generation."""
+    """Exact-match VQA evaluation by greedy generation (POPE metrics on POPE splits), at the end of each stage whose
+    ``eval`` is true, and every ``every_steps`` during it."""
 
     max_samples: int = 0  # questions per split; 0 = all
+    # optimizer steps between evaluations during a stage (rank 0, the stage's eval splits, eval.max_samples questions
+    # of each; logged to metrics.jsonl and W&B, nothing else changes: the data position and every RNG are as if it
+    # had not run); 0 = at stage ends only. In multi-rank runs the other ranks wait in the next collective, so one
+    # such evaluation must take less than engine.dist_timeout_s
+    every_steps: int = 0
     batch_size: int = 256  # questions per generation batch
     max_new_tokens: int = 4
     # grounding probe after each evaluation: per LM layer, the attention mass that answer-predicting positions put on

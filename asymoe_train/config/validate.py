@@ -402,6 +402,16 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
     _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     _nonnegative("eval.max_samples", cfg.eval.max_samples, "questions per split; 0 = all")
     _nonnegative("eval.grounding_sequences", cfg.eval.grounding_sequences, "0 = no grounding probe")
+    _nonnegative("eval.every_steps", cfg.eval.every_steps, "0 = evaluate at stage ends only")
+    if cfg.eval.every_steps and cfg.engine.ep_size > 1:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} with engine.ep_size={cfg.engine.ep_size}: "
+                          "evaluation during a stage runs on rank 0 alone, and an expert-parallel forward needs every "
+                          "rank of its group; set eval.every_steps=0 (stage ends still evaluate, on consolidated "
+                          "weights)")
+    if cfg.eval.every_steps and cfg.engine.zero_stage == 3 and world_size > 1:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} with engine.zero_stage=3 on {world_size} ranks: "
+                          "evaluation during a stage runs on rank 0 alone, and ZeRO-3 partitions every weight over "
+                          "the ranks; set eval.every_steps=0 (stage ends still evaluate)")
     _nonnegative("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 = only at stage ends and on a stop signal")
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _positive("training.max_skipped_steps", cfg.training.max_skipped_steps)

@@ -12,6 +12,7 @@ import torch
 
 from asymoe_train.data.batch import Batch
 from asymoe_train.data.tokenizer import TextTokenizer
+from asymoe_train.evaluation.pope import PopeTally
 from asymoe_train.modality import TEXT
 
 
@@ -44,32 +45,47 @@ def normalise(answer: str) -> str:
 
 
 class Tally:
-    """Exact-match hits overall and per ``family`` (from the shards' per-turn metadata), and a few examples."""
+    """Exact-match hits overall and per ``family`` (from the shards' per-turn metadata), POPE metrics per setting for
+    turns whose metadata has ``pope``, a few examples, and every question's outcome in reading order."""
 
     def __init__(self):
         self.correct: dict[str, int] = defaultdict(int)
         self.total: dict[str, int] = defaultdict(int)
         self.examples: list[dict] = []
+        self.pope = PopeTally()
+        self.questions: list[dict] = []  # per question: family, answer, prediction, correct (and pope)
 
     def add(self, prediction: str, answer: str, meta: dict) -> None:
         hit = normalise(prediction) == normalise(answer)
-        for key in ("all", f"family/{meta.get('family', 'unknown')}"):
+        family = meta.get("family", "unknown")
+        for key in ("all", f"family/{family}"):
             self.correct[key] += hit
             self.total[key] += 1
         if len(self.examples) < 8:
             self.examples.append({"prediction": prediction, "answer": answer, **meta})
+        record = {"family": family, "answer": answer, "prediction": prediction, "correct": hit}
+        if "pope" in meta:
+            self.pope.add(normalise(prediction), normalise(answer), meta["pope"])
+            record["pope"] = meta["pope"]
+        self.questions.append(record)
 
     def report(self) -> dict:
+        """The summary (without the per-question records, which :attr:`questions` keeps)."""
         breakdown = {key: {"accuracy": self.correct[key] / self.total[key], "count": self.total[key]}
                      for key in sorted(self.total)}
-        return {"accuracy": breakdown.get("all", {}).get("accuracy", 0.0), "num_questions": self.total["all"],
-                "breakdown": breakdown, "examples": self.examples}
+        report = {"accuracy": breakdown.get("all", {}).get("accuracy", 0.0), "num_questions": self.total["all"],
+                  "breakdown": breakdown, "examples": self.examples}
+        pope = self.pope.report()
+        if pope:
+            report["pope"] = pope
+        return report
 
 
 def evaluate(model, batches: Iterable[Batch], tokenizer: TextTokenizer, max_new_tokens: int,
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
-    """Accuracy overall and per ``family`` (from the shards' per-turn metadata), with counts and a few examples;
-    ``num_samples`` (shard samples the questions came from) and ``skipped`` (samples skipped, by reason)."""
+    """Accuracy overall and per ``family`` (from the shards' per-turn metadata), with counts and a few examples, POPE
+    metrics per setting when the turns are POPE questions (``pope``); ``num_samples`` (shard samples the questions came
+    from), ``skipped`` (samples skipped, by reason) and ``questions`` (each question's record, in reading order)."""
     was_training = model.training
     model.eval()
     tally = Tally()
@@ -82,7 +98,7 @@ def evaluate(model, batches: Iterable[Batch], tokenizer: TextTokenizer, max_new_
         for pred, answer, meta in zip(predictions, batch.answers, batch.meta):
             tally.add(pred, answer, meta)
     model.train(was_training)
-    return {**tally.report(), "num_samples": num_samples, "skipped": dict(skipped)}
+    return {**tally.report(), "num_samples": num_samples, "skipped": dict(skipped), "questions": tally.questions}
 
 
 def question_prior_baseline(train: Iterable[tuple[str, str, dict]], questions: Iterable[tuple[str, str, dict]],

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from asymoe_train.checkpoint.engine_checkpoint import load_checkpoint, save_checkpoint
+from asymoe_train.checkpoint.rng import ProcessRng
 from asymoe_train.checkpoint.store import TrainerState, config_hash, prune_checkpoints
 from asymoe_train.checkpoint.weights import load_stage_model
 from asymoe_train.config.derive import image_tokens_per_image, tag_lr, upcycled_after
@@ -29,7 +30,7 @@ from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.distributed.deepspeed_moe import moe_block_type
 from asymoe_train.distributed.engine import build_engine
 from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, init_expert_parallel
-from asymoe_train.evaluation.report import evaluate_stage, stored_results
+from asymoe_train.evaluation.report import evaluate_splits, evaluate_stage, logged_metrics, print_eval, stored_results
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
 from asymoe_train.observability.flops import peak_tflops, train_flops_per_token
@@ -166,6 +167,7 @@ class Trainer:
                              if g.get("lr_group", "default") != "default"}  # lr_scale / lr_groups
                 self.logger.log({**metrics, **perf, **train_step.load.metrics(), "lr": engine.get_lr()[0],
                                  **group_lrs, "stage": index}, self.progress.global_step)
+            self.evaluate_during(model, name, stage, engine.device)
             self.checkpoint_or_stop(engine, model, stage, last=False, progress=progress)
         progress.close()
         if self.rank == 0:
@@ -320,6 +322,25 @@ class Trainer:
                                      self.tokenizer.vocab_size, self.tokenizer.pad_id, self.cfg.seed, path)
             model.to(device, self.dtype)
         return self.evaluate(model, name, device)
+
+    def evaluate_during(self, model, name: str, stage: StageConfig, device) -> None:
+        """Every ``eval.every_steps`` optimizer steps of a stage that evaluates (not at its end, which evaluates
+        anyway): the eval splits on rank 0, logged. Training does not notice: the eval readers are separate from the
+        training streams, and every RNG is put back as it was (an exact resume stays exact)."""
+        every, step = self.cfg.eval.every_steps, self.progress.step
+        if not every or step % every or step >= stage.steps or not stage.eval or self.rank != 0:
+            return
+        rng = ProcessRng()
+        state = rng.state_dict()
+        try:
+            results = evaluate_splits(model, self.cfg, self.decoder, self.tokenizer, device, self.dtype,
+                                      self.cfg.eval.max_samples)
+        finally:
+            rng.load_state_dict(state)
+        for result in results.values():
+            del result["questions"]
+        self.logger.log(logged_metrics(results), self.progress.global_step)
+        print_eval(f"at stage {name} step {step}", results)
 
     def finished_stage(self, name: str) -> dict:
         """A stage a resumed run has behind it: its eval results, evaluating now if the run stopped before that. A
