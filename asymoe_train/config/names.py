@@ -37,7 +37,15 @@ TRAINABLE_GROUPS = {
     "mlp": "dense FFNs (all FFN slots before upcycling, non-MoE layers after)",
     "experts": "MoE experts (experts.<pool> for one pool)",
     "routers": "MoE routers",
+    "head": "the classification head: fusion, classifier, description projection (classify stages)",
 }
+
+# classification (A-MESS): curriculum.stages.<s>.task, model.fusion, model.head.combine, sync.negatives
+TASKS = ("generate", "classify")  # generate: answer tokens by next-token CE | classify: one label per sample
+FUSIONS = ("mean", "anchors")  # how the fused embedding z pools the final hidden states (asymoe_train.models.fusion)
+FUSION_COMBINES = ("concat", "attention")  # anchors: how the per-modality anchor outputs become z
+SYNC_NEGATIVES = ("hardest", "all")  # semantic synchronization: the triplet's negative description(s)
+OOS_SCORES = ("description", "confidence")  # classify.oos_score: best description cosine | max class probability
 
 # engine.* / logger.* / resume
 PRECISIONS = ("fp32", "bf16")

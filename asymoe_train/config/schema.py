@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from asymoe_train.config.classify_schema import ClassifyConfig, HeadConfig, SyncConfig
+
 
 @dataclass(kw_only=True)
 class BackboneConfig:
@@ -155,6 +157,10 @@ class ModelConfig:
     # bookkeeping and dispatch stay eager. Fuses the element-wise work (SwiGLU, hyperbolic maps, router softmax); the
     # first steps pay the compile time. Needs a C++ compiler. Not with model.moe.backend=deepspeed
     compile_moe: bool = False
+    # classify stages: how the fused embedding z pools the LM's final hidden states: mean (over non-padding positions)
+    # | anchors (learnable anchors cross-attend to image and text tokens separately; model.head)
+    fusion: str = "mean"
+    head: HeadConfig = field(default_factory=HeadConfig)
 
 
 DEFAULT_CAPTION_PROMPTS = (
@@ -238,6 +244,9 @@ class DataConfig:
     # Prompts of caption-only samples (img2dataset layout): each caption sample draws one (seeded by its stream
     # position, so resume replays it); the image placeholder goes in front, `<image>\n<prompt>`.
     caption_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
+    # Label set of classify stages: a YAML with one description per label (asymoe_train.config.labels), absolute,
+    # relative to root, or relative to the source tree (data_recipes/labels/). "" = no classification
+    labels: str = ""
 
 
 @dataclass(kw_only=True)
@@ -250,6 +259,7 @@ class LossConfig:
     z: float = 0.0
     order: float = 0.2
     evd: float = 0.01
+    sync: float = 0.0  # classify stages: semantic synchronization (triplet loss on label descriptions; sync.*)
 
 
 @dataclass(kw_only=True)
@@ -257,6 +267,8 @@ class StageConfig:
     """One curriculum stage."""
 
     source: str = MISSING  # key of data.sources
+    # generate: next-token CE on answers | classify: one label per sample (data.labels), CE on the head's logits
+    task: str = "generate"
     steps: int = 0  # optimizer steps; 0 = from `epochs`
     epochs: float = 0.0  # passes over data.source_sizes[source]; when > 0 it sets steps = ceil(epochs * size / global
     # batch). Streams are resampled, so an epoch is that many samples, not a guarantee to see each one once
@@ -357,6 +369,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)  # semantic synchronization of classify stages
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # evaluation of classify stages
     resume: str = "none"  # none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory
     # a finished stage of another run (its checkpoints/<stage> directory): this run skips that stage and the ones
     # before it and starts the next from its weights, with this run's own later stages and, while the weights are
