@@ -1,0 +1,130 @@
+"""The classification task mode end to end: experiment=amess_demo trains and evaluates with every MoE variant, and a
+run killed mid-step in its classify stage resumes exactly (the description encodings are part of the checkpoint)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_train import clean_env
+
+from asymoe_train.checkpoint.store import complete_checkpoints
+
+SHORT = [
+    "experiment=amess_demo", "curriculum.stages.align.steps=2", "curriculum.stages.align.warmup_steps=1",
+    "curriculum.stages.align.batch_size=4", "curriculum.stages.classify.batch_size=2", "eval.max_samples=24",
+    "logger.log_every=1", "logger.progress=false", "data.shuffle_buffer=20",
+]
+RESUME = [*SHORT, "curriculum.stages.classify.steps=8", "curriculum.stages.classify.warmup_steps=2",
+          "checkpoint.every_steps=2", "data.record_keys=true", "sync.refresh_steps=3", "logger.mode=disabled"]
+TIMEOUT = 300
+
+
+def command(demo_data, run_dir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "asymoe_train.cli", *RESUME, f"data.root={demo_data}", f"hydra.run.dir={run_dir}",
+            *extra]
+
+
+def history(run_dir) -> tuple[dict, dict]:
+    """Per step the last logged loss terms; per (stage, step, micro) the sample keys."""
+    losses, keys = {}, {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        record = json.loads(line)
+        if "loss/total" in record:
+            losses[record["step"]] = {k: v for k, v in record.items() if k.startswith("loss/")}
+    for line in open(os.path.join(run_dir, "data_keys", "rank0.jsonl")):
+        record = json.loads(line)
+        keys[record["stage"], record["step"], record["micro"]] = record["keys"]
+    return losses, keys
+
+
+def classify_steps_logged(run_dir) -> set[int]:
+    path = os.path.join(run_dir, "data_keys", "rank0.jsonl")
+    if not os.path.isfile(path):
+        return set()
+    lines = open(path).read().splitlines()[:-1]  # the last line may be half written
+    return {json.loads(line)["step"] for line in lines if json.loads(line)["stage"] == "classify"}
+
+
+def assert_same_steps(run_dir, reference, steps) -> None:
+    """The run logged the reference's loss terms at ``steps`` (1e-6) and read the same samples."""
+    (losses, keys), (ref_losses, ref_keys) = history(run_dir), history(reference)
+    assert sorted(losses) == list(steps)
+    for step in steps:
+        assert set(losses[step]) == set(ref_losses[step])
+        for name, value in ref_losses[step].items():
+            assert losses[step][name] == pytest.approx(value, abs=1e-6, rel=0), f"step {step} {name}"
+    assert all(keys[k] == ref_keys[k] for k in keys)
+    report = json.load(open(run_dir / "eval" / "classify.json"))
+    assert report == json.load(open(reference / "eval" / "classify.json"))
+
+
+@pytest.mark.slow
+def test_classify_stage_resumes_exactly(tmp_path, demo_data):
+    """Descriptions are encoded at classify steps 0, 3 and 6: the step-4 checkpoint holds step 3's encodings, which
+    steps 4 and 5 use. Resumed from it, and after a SIGKILL mid-step with resume=auto, the run continues exactly."""
+    reference = tmp_path / "uninterrupted"
+    proc = subprocess.run(command(demo_data, reference, "checkpoint.keep_last=10"), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, _ = history(reference)
+    assert sorted(ref_losses) == list(range(1, 11))  # 2 align + 8 classify steps
+    assert all({"loss/ce", "loss/sync"} <= set(ref_losses[step]) for step in range(3, 11))
+
+    from_four = tmp_path / "from_step4"
+    checkpoint = reference / "checkpoints" / "classify-step0000004"
+    proc = subprocess.run(command(demo_data, from_four, f"resume={checkpoint}"), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_steps(from_four, reference, range(7, 11))
+
+    run_dir = tmp_path / "killed"
+    killed = subprocess.Popen(command(demo_data, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=clean_env())
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while 4 not in classify_steps_logged(run_dir):  # past the step-4 checkpoint
+            assert killed.poll() is None, killed.stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        killed.send_signal(signal.SIGKILL)
+    finally:
+        killed.kill()
+        killed.wait()
+    state, _ = complete_checkpoints(run_dir)[-1]
+    assert state.stage == "classify" and state.step >= 4 and not state.stage_done
+    proc = subprocess.run(command(demo_data, run_dir, "resume=auto"), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_steps(run_dir, reference, range(1, 11))
+
+
+@pytest.mark.slow
+def test_amess_demo_trains_and_evaluates_every_variant(tmp_path, demo_data):
+    variants = ["dense", "vanilla", "modality", "moiie", "asymoe"]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "asymoe_train.cli", "-m", *SHORT, f"model/moe={','.join(variants)}",
+           f"data.root={demo_data}", f"hydra.sweep.dir={sweep}", "curriculum.stages.classify.steps=2",
+           "curriculum.stages.classify.warmup_steps=1", "logger.mode=disabled", "model.head.combine=attention"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=clean_env(), cwd=tmp_path,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dirs = sorted(d for d in glob.glob(str(sweep / "*")) if os.path.isdir(d))
+    assert [os.path.basename(d).split("-", 1)[1] for d in run_dirs] == variants
+    for run_dir in run_dirs:
+        report = json.load(open(os.path.join(run_dir, "eval", "classify.json")))
+        assert report["task"] == "classify" and len(report["classes"]) == 11
+        for split in ("test", "cp_test"):
+            result = report["splits"][split]
+            assert result["num_questions"] + result["num_out_of_scope"] == 24
+            assert 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
+            assert 0 <= result["open_set"]["oos_f1"] <= 1
+        metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        classify = [m for m in metrics if m.get("stage") == 1]
+        assert len(classify) == 2 and all(m["loss/ce"] > 0 and m["loss/sync"] >= 0 for m in classify)
