@@ -24,6 +24,8 @@ SHORT = [
 RESUME = [*SHORT, "curriculum.stages.classify.steps=8", "curriculum.stages.classify.warmup_steps=2",
           "checkpoint.every_steps=2", "data.record_keys=true", "sync.refresh_steps=3", "logger.mode=disabled"]
 TIMEOUT = 300
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_NAME = "classify"
 
 
 def command(demo_data, run_dir, *extra: str) -> list[str]:
@@ -128,3 +130,59 @@ def test_amess_demo_trains_and_evaluates_every_variant(tmp_path, demo_data):
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         classify = [m for m in metrics if m.get("stage") == 1]
         assert len(classify) == 2 and all(m["loss/ce"] > 0 and m["loss/sync"] >= 0 for m in classify)
+
+
+def load_amess_script():
+    from conftest import _load_file
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # amess.py imports its sibling moe_block for the header
+    return _load_file("amess_script", os.path.join(ROOT, "benchmarks", "amess.py"))
+
+
+def fake_run(directory, seed: int, sync: float, cp: tuple[float, float, float, float]) -> None:
+    os.makedirs(directory / "eval")
+    cfg = {"seed": seed, "data": {"labels": "labels.yaml"}, "model": {"fusion": "anchors", "moe": {"variant": "x"}},
+           "classify": {"oos_score": "description", "oos_split": "test"},
+           "curriculum": {"stages": {"align": {"steps": 1, "batch_size": 2, "lr": 0.1},
+                                     "classify": {"steps": 3, "batch_size": 4, "lr": 0.2, "losses": {"sync": sync}}}}}
+    (directory / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    split = {"accuracy": cp[0], "macro_f1": cp[1], "weighted_f1": cp[2],
+             "open_set": {"oos_f1": cp[3], "in_scope_accuracy": cp[0]}}
+    (directory / "eval" / "classify.json").write_text(json.dumps({"splits": {"cp_test": split, "test": split}}))
+
+
+def test_amess_table_is_the_mean_and_spread_over_seeds_and_replaces_its_section(tmp_path):
+    script = load_amess_script()
+    fake_run(tmp_path / "runs" / "a", 0, 0.0, (0.5, 0.4, 0.45, 0.1))
+    fake_run(tmp_path / "runs" / "b", 1, 0.0, (0.7, 0.6, 0.65, 0.3))
+    fake_run(tmp_path / "runs" / "c", 0, 0.5, (0.9, 0.8, 0.85, 0.9))
+    fake_run(tmp_path / "runs" / "d", 1, 0.5, (0.9, 0.8, 0.85, 0.7))
+    out = tmp_path / "results.md"
+    out.write_text("# Ablation results\n\nkept\n")
+    for _ in range(2):  # a second report replaces the first
+        script.write_section(str(out), script.table(script.finished_runs(str(tmp_path / "runs")), "make amess"))
+    text = out.read_text()
+    assert text.startswith("# Ablation results\n\nkept\n") and text.count(script.BEGIN) == 1
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| 0")}
+    # without: accuracy 0.5, 0.7 -> 0.600 ± 0.141 (sample std); out-of-scope F1 0.1, 0.3 -> 0.200 ± 0.141
+    assert rows["0"][1] == "0, 1" and rows["0"][2] == "0.600 ± 0.141" and rows["0"][5] == "0.200 ± 0.141"
+    assert rows["0.5"][2] == "0.900 ± 0.000" and rows["0.5"][5] == "0.800 ± 0.141"
+    # with - without: accuracy +0.300 > spread 0.141, ... out-of-scope F1 +0.600
+    assert "cp_test accuracy +0.300 (spread 0.141)" in text and "it helps here" in text
+
+
+@pytest.mark.slow
+def test_make_amess_runs_both_settings_from_one_align_run_and_writes_the_table(tmp_path, demo_data):
+    root, out = tmp_path / "amess", tmp_path / "results.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "amess.py"), "--seeds", "0", "--root", str(root),
+           "--out", str(out), "--", f"data.root={demo_data}", "logger.mode=disabled", *SHORT[1:],
+           "curriculum.stages.classify.steps=2", "curriculum.stages.classify.warmup_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=clean_env(), cwd=tmp_path,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (root / "align-seed0" / "checkpoints" / STAGE_NAME).exists()
+    jobs = sorted((root / "seed0").glob("*-*"))
+    assert len(jobs) == 2 and all(f"init_from: {root}/align-seed0/checkpoints/align" in (j / "config.yaml").read_text()
+                                  for j in jobs)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 0")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 0.5"]
