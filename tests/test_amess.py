@@ -279,3 +279,31 @@ def test_decoder_labels_turns_and_leaves_out_of_scope_out_of_training(tokenizer)
         assert decoder.take_skipped() == {"unknown_label": 1}
         assert decoder.out_of_scope_dropped == (0 if prompt_only else 1)
         assert all(all(x == -100 for x in s.encoded.labels) for s in sequences)  # prompts: no answer tokens
+
+
+def test_describe_labels_writes_descriptions_with_a_local_lm_only(tmp_path):
+    """A tiny random Llama saved locally (with a chat-template tokenizer) describes the labels a YAML lacks; a path
+    without a checkpoint is refused, nothing is downloaded."""
+    from conftest import chat_tokenizer_dir, load_recipe, unload_recipe
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    lm_dir = chat_tokenizer_dir(tmp_path / "lm")
+    vocab = len(PreTrainedTokenizerFast.from_pretrained(lm_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(lm_dir)
+    given = tmp_path / "in.yaml"
+    given.write_text("labels:\n  - name: circle\n  - name: red\n    description: kept as written\n"
+                     "  - name: teal\n    out_of_scope: true\n")
+    script = load_recipe("describe_labels")
+    try:
+        out = tmp_path / "labels.yaml"
+        assert script.main(["--lm", str(lm_dir), "--labels", str(given), "--out", str(out),
+                            "--max-new-tokens", "6"]) == 0
+        labels = load_labels(str(out))
+        assert labels.names == ("circle", "red", "teal") and labels.out_of_scope == (False, False, True)
+        assert labels.descriptions[1] == "kept as written" and labels.descriptions[0] and labels.descriptions[2]
+        with pytest.raises(SystemExit, match="not a local Hugging Face checkpoint"):
+            script.main(["--lm", str(tmp_path / "missing"), "--names", "a", "b", "--out", str(out)])
+    finally:
+        unload_recipe(script)
