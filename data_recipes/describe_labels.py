@@ -8,9 +8,11 @@ Usage::
     python data_recipes/describe_labels.py --lm <dir> --names circle red yes --out labels.yaml
 
 ``--labels`` is a labels YAML whose entries may lack descriptions (``out_of_scope`` flags are kept); entries that have
-one keep it unless ``--overwrite``. The LM and its tokenizer load from ``--lm`` only (``local_files_only``): nothing is downloaded. With a chat template the prompt is one user turn, else plain text; decoding is
-greedy, and the description is the first line of what the LM writes. An LM that writes nothing for a label is an error
-naming it (write that one by hand). The demo ships hand-written descriptions (data_recipes/labels/easy_vqa.yaml).
+one keep it unless ``--overwrite``. The LM and its tokenizer load from the ``--lm`` directory only
+(``local_files_only``): nothing is downloaded. With a chat template the prompt is one user turn, else plain text;
+decoding is greedy, and the description is the first line of what the LM writes. An LM that writes nothing for a
+label is an error naming it (write that one by hand). The demo ships hand-written descriptions
+(data_recipes/labels/easy_vqa.yaml).
 """
 
 from __future__ import annotations

@@ -186,3 +186,14 @@ def test_make_amess_runs_both_settings_from_one_align_run_and_writes_the_table(t
                                   for j in jobs)
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 0")]
     assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 0.5"]
+
+
+def test_the_ablation_report_keeps_the_amess_section(tmp_path):
+    from conftest import _load_file
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    report = _load_file("ablation_report_script", os.path.join(ROOT, "benchmarks", "ablation_report.py"))
+    path = tmp_path / "results.md"
+    assert report.kept_sections(str(path)) == []
+    path.write_text("# Ablation results\nold\n<!-- amess:begin -->\n| 0 | x |\n<!-- amess:end -->\ntrailing\n")
+    assert report.kept_sections(str(path)) == ["<!-- amess:begin -->\n| 0 | x |\n<!-- amess:end -->", ""]
