@@ -100,9 +100,10 @@ def load_labels(path: str) -> LabelSet:
     return LabelSet(tuple(names), tuple(descriptions), tuple(oos))
 
 
-def resolve_labels(cfg: TrainConfig) -> list[str]:
-    """Set ``model.head.num_classes`` from ``data.labels`` (validated before); returns what was derived."""
-    if not cfg.data.labels:
+def resolve_labels(cfg: TrainConfig, missing_ok: bool = False) -> list[str]:
+    """Set ``model.head.num_classes`` from ``data.labels`` (validated before); returns what was derived.
+    ``missing_ok``: a labels file that is not there derives nothing (``asymoe-train plan`` on another machine)."""
+    if not cfg.data.labels or (missing_ok and not os.path.isfile(labels_path(cfg.data))):
         return []
     classes = len(load_labels(labels_path(cfg.data)).classes)
     cfg.model.head.num_classes = classes
