@@ -197,3 +197,33 @@ def test_the_ablation_report_keeps_the_amess_section(tmp_path):
     assert report.kept_sections(str(path)) == []
     path.write_text("# Ablation results\nold\n<!-- amess:begin -->\n| 0 | x |\n<!-- amess:end -->\ntrailing\n")
     assert report.kept_sections(str(path)) == ["<!-- amess:begin -->\n| 0 | x |\n<!-- amess:end -->", ""]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_classify_on_two_ranks_with_ep2_and_zero2_matches_one_process(tmp_path, demo_data):
+    """A classify stage (synchronization on, descriptions refreshed every 2 steps through the expert-parallel
+    blocks, the LM head unused) by 2 processes with EP=2 and ZeRO-2 has the per-step cross-entropy and gradient norm
+    of 1 process at the same global batch: both losses are normalised by the global sample count."""
+    from test_ep import GRAD_NORM_RTOL, LOSS_TOLERANCE, run_group, torchrun
+    from test_ep import env as ep_env
+
+    common = ["-m", "asymoe_train.cli", *SHORT, "model/moe=moiie", f"data.root={demo_data}", "logger.mode=disabled",
+              "curriculum.stages.classify.steps=6", "curriculum.stages.classify.warmup_steps=1",
+              "curriculum.stages.classify.eval=false", "sync.refresh_steps=2", "data.augment=dihedral"]
+    one = run_group([sys.executable, *common, f"hydra.run.dir={tmp_path / 'one'}",
+                     "curriculum.stages.align.batch_size=8", "curriculum.stages.classify.batch_size=8"], ep_env())
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    two = torchrun(2, *common, f"hydra.run.dir={tmp_path / 'two'}", "curriculum.stages.align.batch_size=4",
+                   "curriculum.stages.classify.batch_size=4", "engine.ep_size=2", "engine.zero_stage=2")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+
+    def steps(run_dir) -> dict[int, dict]:
+        return {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r.get("stage") == 1}
+
+    ones, twos = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert sorted(ones) == sorted(twos) == list(range(3, 9))
+    for step in ones:
+        assert twos[step]["loss/ce"] == pytest.approx(ones[step]["loss/ce"], abs=LOSS_TOLERANCE), step
+        assert twos[step]["grad_norm"] == pytest.approx(ones[step]["grad_norm"], rel=GRAD_NORM_RTOL), step
+        assert "loss/sync" in twos[step]

@@ -30,17 +30,19 @@ def cosine_distance(z_BZ: torch.Tensor, descriptions_CZ: torch.Tensor) -> torch.
 
 
 def triplet_loss(z_BZ: torch.Tensor, descriptions_CZ: torch.Tensor, label_B: torch.Tensor, margin: float,
-                 negatives: str = "hardest") -> torch.Tensor:
-    """Mean over samples of max(0, d(z, e_y) - d(z, e_neg) + margin), d the cosine distance: ``hardest`` takes the
-    closest other description as e_neg, ``all`` averages the hinge over every other description."""
+                 negatives: str = "hardest", reduction: str = "mean") -> torch.Tensor:
+    """Mean over samples (``reduction="none"``: per sample) of max(0, d(z, e_y) - d(z, e_neg) + margin), d the
+    cosine distance: ``hardest`` takes the closest other description as e_neg, ``all`` averages the hinge over every
+    other description."""
     distance_BC = cosine_distance(z_BZ, descriptions_CZ)
     positive_B1 = distance_BC.gather(1, label_B[:, None])
     others_BC = ~F.one_hot(label_B, distance_BC.shape[1]).bool()
     if negatives == "hardest":
         hardest_B1 = distance_BC.masked_fill(~others_BC, float("inf")).min(dim=1, keepdim=True).values
-        return torch.relu(positive_B1 - hardest_B1 + margin).mean()
-    hinge_BC = torch.relu(positive_B1 - distance_BC + margin) * others_BC
-    return (hinge_BC.sum(1) / others_BC.sum(1)).mean()
+        hinge_B = torch.relu(positive_B1 - hardest_B1 + margin).squeeze(1)
+    else:
+        hinge_B = (torch.relu(positive_B1 - distance_BC + margin) * others_BC).sum(1) / others_BC.sum(1)
+    return hinge_B if reduction == "none" else hinge_B.mean()
 
 
 def description_inputs(labels: LabelSet, tokenizer: TextTokenizer) -> dict:
@@ -76,8 +78,8 @@ class ClassifyObjective:
     step's forward, the cross-entropy that replaces L_lm, and the weighted synchronization loss."""
 
     def __init__(self, model, labels: LabelSet, tokenizer: TextTokenizer, sync: SyncConfig, weight: float,
-                 device: torch.device | str = "cpu"):
-        self.model, self.sync, self.weight = model, sync, weight
+                 device: torch.device | str = "cpu", world_size: int = 1):
+        self.model, self.sync, self.weight, self.world_size = model, sync, weight, world_size
         self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                        for k, v in description_inputs(labels, tokenizer).items()}
         self.refreshed_step: int | None = None
@@ -107,10 +109,14 @@ class ClassifyObjective:
         return "ce", ce_B.sum(), torch.as_tensor(ce_B.shape[0], device=ce_B.device)
 
     def sync_loss(self, out: VLMOutput, batch: Batch, metrics: dict) -> torch.Tensor:
-        """``losses.sync`` times the triplet loss (logged as ``loss/sync``); 0 and not computed at weight 0."""
+        """``losses.sync`` times the triplet loss; 0 and not computed at weight 0. Normalised as the cross-entropy is:
+        this rank's summed hinges over the samples of the micro-batch on all ranks (``answer_tokens``, which
+        ``total_loss`` reduced), times ``world_size`` as DeepSpeed averages gradients over ranks, so the gradient does
+        not depend on how the batch is split. Logged (``loss/sync``): this rank's mean."""
         if not self.weight:
             return torch.zeros((), device=batch.label_B.device)
-        term = triplet_loss(out.head.z_BZ, out.head.descriptions_CZ, batch.label_B, self.sync.margin,
-                            self.sync.negatives)
-        metrics["loss/sync"] = term.detach()
-        return self.weight * term
+        hinge_B = triplet_loss(out.head.z_BZ, out.head.descriptions_CZ, batch.label_B, self.sync.margin,
+                               self.sync.negatives, reduction="none")
+        metrics["loss/sync"] = hinge_B.mean().detach()
+        count = metrics["answer_tokens"].clamp_min(1).to(hinge_B.dtype)
+        return self.weight * hinge_B.sum() * (self.world_size / count)

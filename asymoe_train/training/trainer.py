@@ -134,7 +134,7 @@ class Trainer:
         objective = None
         if stage.task == "classify":
             objective = ClassifyObjective(model, self.labels, self.tokenizer, self.cfg.sync, stage.losses.sync,
-                                          engine.device)
+                                          engine.device, self.world_size)
         train_step = TrainStep(engine, model, stage.losses, self.cfg.model.moe.evidence, self.cfg.engine,
                                self.world_size, self.expert_parallel, self.rank, self.cfg.logger.dead_expert_steps,
                                objective)
