@@ -307,3 +307,26 @@ def test_describe_labels_writes_descriptions_with_a_local_lm_only(tmp_path):
             script.main(["--lm", str(tmp_path / "missing"), "--names", "a", "b", "--out", str(out)])
     finally:
         unload_recipe(script)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.labels="], "needs data.labels"),
+    (["curriculum.stages.classify.trainable=[projector]"], "lacks 'head'"),
+    (["curriculum.stages.align.losses.sync=0.5"], "curriculum.stages.align.losses.sync=0.5"),
+    (["data.packing=true"], "data.packing=true with a classify stage"),
+    (["data.split_turns=false"], "data.split_turns=false"),
+    (["model.fusion=max"], "model.fusion='max'"),
+    (["sync.negatives=some"], "sync.negatives='some'"),
+    (["classify.oos_split=val"], "classify.oos_split='val' is not in data.eval_sources"),
+    (["model.head.num_heads=3"], "model.head.num_heads=3 does not divide"),
+    (["data.labels=missing.yaml"], "missing.yaml does not exist"),
+    (["curriculum.stages.classify.task=regress"], "task='regress'"),
+])
+def test_classify_config_mistakes_fail_at_start_naming_the_key(overrides, message, demo_data):
+    from test_config import load
+
+    from asymoe_train.config import validate
+
+    validate(load(demo_data, "experiment=amess_demo"))
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        validate(load(demo_data, "experiment=amess_demo", *overrides))

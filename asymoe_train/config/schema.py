@@ -252,8 +252,8 @@ class DataConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     """Loss weights of a stage: L = L_lm + balance * mean_layers(sum_routers L_bal) + z * L_z + order * L_order
-    + evd * L_evd. A term whose weight is 0 is not computed. order and evd only exist for models with hyperbolic or
-    evidence experts."""
+    + evd * L_evd (+ sync * L_sync in classify stages, whose cross-entropy takes L_lm's place). A term whose weight is 0
+    is not computed. order and evd only exist for models with hyperbolic or evidence experts."""
 
     balance: float = 0.001
     z: float = 0.0
