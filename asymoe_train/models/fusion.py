@@ -119,7 +119,8 @@ class HeadOutput:
 
 class ClassifyHead(nn.Module):
     """Fusion -> z -> class logits, plus the projection of the cached description embeddings ``descriptions_CD``
-    (a buffer: the training objective refreshes it, and checkpoints keep it, so a resumed run uses the same)."""
+    (a buffer: the training objective refreshes it, and checkpoints keep it, so a resumed run uses the same), centred
+    over the labels."""
 
     def __init__(self, cfg: HeadConfig, fusion: str, hidden: int):
         super().__init__()
@@ -134,5 +135,8 @@ class ClassifyHead(nn.Module):
 
     def forward(self, hidden_BTD: torch.Tensor, modality_BT: torch.Tensor) -> HeadOutput:
         z_BZ = self.fusion(hidden_BTD, modality_BT)
-        descriptions_CZ = self.describe(self.descriptions_CD.to(hidden_BTD.dtype))
+        # centred over the labels first: mean-pooled descriptions share most of their direction (cosine ~0.98 between
+        # easy-vqa's), which would leave the cosine distances of the triplet loss almost equal for every label
+        descriptions_CD = self.descriptions_CD.to(hidden_BTD.dtype)
+        descriptions_CZ = self.describe(descriptions_CD - descriptions_CD.mean(0, keepdim=True))
         return HeadOutput(z_BZ=z_BZ, logits_BC=self.classifier(z_BZ), descriptions_CZ=descriptions_CZ)
