@@ -332,8 +332,9 @@ def test_classify_config_mistakes_fail_at_start_naming_the_key(overrides, messag
         validate(load(demo_data, "experiment=amess_demo", *overrides))
 
 
-def test_description_embeddings_are_centred_before_projection():
-    """What every description shares is removed: adding one vector to all of them changes no projected description."""
+def test_description_embeddings_are_centred_and_scaled_before_projection():
+    """What every description shares is removed and each has unit RMS: adding one vector to all of them, or scaling
+    them, changes no projected description."""
     from asymoe_train.models.fusion import ClassifyHead
 
     torch.manual_seed(0)
@@ -341,7 +342,8 @@ def test_description_embeddings_are_centred_before_projection():
     head.descriptions_CD.copy_(torch.randn(4, 16))
     h, modality = fusion_inputs()
     out = head(h, modality)
-    d = head.descriptions_CD
-    torch.testing.assert_close(out.descriptions_CZ, head.describe(d - d.mean(0)))
-    head.descriptions_CD.add_(5 * torch.randn(16))
+    centred = head.descriptions_CD - head.descriptions_CD.mean(0)
+    expected = head.describe(centred / centred.pow(2).mean(-1, keepdim=True).sqrt())
+    torch.testing.assert_close(out.descriptions_CZ, expected)
+    head.descriptions_CD.add_(5 * torch.randn(16)).mul_(3.0)
     torch.testing.assert_close(head(h, modality).descriptions_CZ, out.descriptions_CZ, rtol=1e-5, atol=1e-5)

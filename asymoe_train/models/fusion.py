@@ -110,6 +110,14 @@ class AnchorFusion(nn.Module):
         return self.proj(torch.einsum("bmk,bmkd->bkd", weights_BMK, anchors_BMKD).reshape(b, -1))
 
 
+def standardise(descriptions_CD: torch.Tensor) -> torch.Tensor:
+    """Description embeddings centred over the labels and scaled to unit RMS each (fp32). Mean-pooled descriptions
+    share most of their direction (cosine ~0.98 between easy-vqa's), which would leave the cosine distances of the
+    triplet loss almost equal for every label; what remains after centring is what tells the labels apart."""
+    centred_CD = descriptions_CD.float() - descriptions_CD.float().mean(0, keepdim=True)
+    return centred_CD * torch.rsqrt(centred_CD.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
+
+
 @dataclass
 class HeadOutput:
     z_BZ: torch.Tensor  # the fused embedding of each row
@@ -120,7 +128,7 @@ class HeadOutput:
 class ClassifyHead(nn.Module):
     """Fusion -> z -> class logits, plus the projection of the cached description embeddings ``descriptions_CD``
     (a buffer: the training objective refreshes it, and checkpoints keep it, so a resumed run uses the same), centred
-    over the labels."""
+    and scaled first (:func:`standardise`)."""
 
     def __init__(self, cfg: HeadConfig, fusion: str, hidden: int):
         super().__init__()
@@ -130,13 +138,10 @@ class ClassifyHead(nn.Module):
         else:
             self.fusion = MeanFusion(hidden, embed_dim)
         self.classifier = nn.Linear(embed_dim, cfg.num_classes)
-        self.describe = nn.Linear(hidden, embed_dim)
+        self.describe = nn.Linear(hidden, embed_dim, bias=False)  # a bias would be shared by every description
         self.register_buffer("descriptions_CD", torch.zeros(cfg.num_classes, hidden))
 
     def forward(self, hidden_BTD: torch.Tensor, modality_BT: torch.Tensor) -> HeadOutput:
         z_BZ = self.fusion(hidden_BTD, modality_BT)
-        # centred over the labels first: mean-pooled descriptions share most of their direction (cosine ~0.98 between
-        # easy-vqa's), which would leave the cosine distances of the triplet loss almost equal for every label
-        descriptions_CD = self.descriptions_CD.to(hidden_BTD.dtype)
-        descriptions_CZ = self.describe(descriptions_CD - descriptions_CD.mean(0, keepdim=True))
+        descriptions_CZ = self.describe(standardise(self.descriptions_CD).to(hidden_BTD.dtype))
         return HeadOutput(z_BZ=z_BZ, logits_BC=self.classifier(z_BZ), descriptions_CZ=descriptions_CZ)
