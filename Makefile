@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT := true
 
-.PHONY: help install data data-scenes train test lint bench ablation clean
+.PHONY: help install data data-scenes train test lint bench ablation amess clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ ablation: install data ## the six variants x 3 seeds on a smaller demo budget (a
 	$(PY) -m pip install -q -e ".[report]"
 	$(PY) benchmarks/ablation.py --experiment $(if $(filter scenes,$(DATA)),ablation_scenes,ablation) \
 		--seeds $(ABLATION_SEEDS) --out docs/results$(if $(filter scenes,$(DATA)),_scenes).md -- $(ARGS)
+
+amess: install data ## A-MESS classification demo with and without semantic synchronization x 3 seeds, then its docs/results.md table
+	$(PY) benchmarks/amess.py --seeds $(ABLATION_SEEDS) --out docs/results.md -- $(ARGS)
 
 lint: install ## ruff over the package, recipes and tests
 	$(VENV)/bin/ruff check asymoe_train data_recipes tests benchmarks

@@ -40,6 +40,7 @@ from asymoe_train.config.derive import (
     steps_per_epoch,
 )
 from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.labels import resolve_labels
 from asymoe_train.config.paths import CONF_DIR, resolve_data_path
 from asymoe_train.config.schema import TrainConfig
 from asymoe_train.config.validate import validate
@@ -290,6 +291,7 @@ def plan_command(args: list[str]) -> str:
     changes = sync_backbone_sizes(cfg.model)
     validate(cfg, world_size, files=False)
     changes += resolve(cfg, world_size)
+    changes += resolve_labels(cfg, missing_ok=True)  # the classification head, when its labels file is here
     text = format_plan(make_plan(cfg, world_size, gpu_memory_gib))
     if changes:
         text += "\nderived: " + "; ".join(changes)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asymoe_train.config import to_typed, validate
 from asymoe_train.config.derive import resolve
+from asymoe_train.config.labels import resolve_labels
 from asymoe_train.distributed.engine import init_distributed, shared_run_dir, world
 from asymoe_train.models.backbones import sync_backbone_sizes
 
@@ -24,6 +25,7 @@ def train(cfg: DictConfig) -> dict:
     changes = sync_backbone_sizes(typed.model)  # a checkpoint's config.json wins over the sizes in the config
     validate(typed, world_size)  # before any process group or model exists
     changes += resolve(typed, world_size)  # schedules, layer lists and source mixtures, parsed once here
+    changes += resolve_labels(typed)  # model.head.num_classes from data.labels
     if rank == 0:
         for change in changes:
             log.info("derived %s", change)

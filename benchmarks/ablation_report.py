@@ -266,6 +266,18 @@ def budget(run: dict) -> str:
     return f"{stages}; evaluation on {questions}{probe}"
 
 
+def kept_sections(path: str) -> list[str]:
+    """Sections other reports own in ``path`` (``make amess``'s, between its markers), to keep when rewriting it."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    begin, end = "<!-- amess:begin -->", "<!-- amess:end -->"
+    if begin not in text or end not in text:
+        return []
+    return [text[text.index(begin): text.index(end) + len(end)], ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding them")
@@ -338,6 +350,7 @@ def main() -> None:
                   "over seeds):", "", *pope, ""]
     lines += paired_section(by_variant, args.reference)
     lines += ["Runs: " + ", ".join(f"`{os.path.relpath(r['path'])}`" for r in runs), ""]
+    lines += kept_sections(args.out)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(table(by_variant, blind, splits, families)))

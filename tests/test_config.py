@@ -86,34 +86,37 @@ def test_validate_names_the_key(overrides, key, demo_data):
         validate(cfg)
 
 
-BAD_CHOICES = [  # (variant, dotted key of a StrEnum choice, a value outside it)
-    ("dense", "logger.mode", "loud"),
-    ("asymoe", "model.moe.hyperbolic.geometry", "sphere"),
-    ("asymoe", "model.moe.evidence.loss_kind", "magic"),
-    ("dense", "engine.precision", "fp16"),
-    ("dense", "model.lm.type", "gpt2"),
-    ("dense", "data.augment", "mixup"),
-    ("vanilla", "model.moe.backend", "megablocks"),
-    ("asymoe_paper", "model.moe.evidence.form", "concat"),
-    ("asymoe_paper", "model.moe.hyperbolic.cone_form", "round"),
+BAD_CHOICES = [  # (the config's overrides, dotted key of a StrEnum choice, a value outside it)
+    (["model/moe=dense"], "logger.mode", "loud"),
+    (["model/moe=asymoe"], "model.moe.hyperbolic.geometry", "sphere"),
+    (["model/moe=asymoe"], "model.moe.evidence.loss_kind", "magic"),
+    (["model/moe=dense"], "engine.precision", "fp16"),
+    (["model/moe=dense"], "model.lm.type", "gpt2"),
+    (["model/moe=dense"], "data.augment", "mixup"),
+    (["model/moe=vanilla"], "model.moe.backend", "megablocks"),
+    (["model/moe=asymoe_paper"], "model.moe.evidence.form", "concat"),
+    (["model/moe=asymoe_paper"], "model.moe.hyperbolic.cone_form", "round"),
+    (["experiment=amess_demo"], "model.fusion", "max"),
+    (["experiment=amess_demo"], "sync.negatives", "some"),
+    (["experiment=amess_demo"], "curriculum.stages.classify.task", "regress"),
 ]
 
 
-@pytest.mark.parametrize("variant,key,value", BAD_CHOICES)
-def test_unknown_choices_fail_at_compose_time_naming_the_key_and_the_choices(variant, key, value, demo_data):
+@pytest.mark.parametrize("overrides,key,value", BAD_CHOICES)
+def test_unknown_choices_fail_at_compose_time_naming_the_key_and_the_choices(overrides, key, value, demo_data):
     with pytest.raises(ConfigCompositionException) as info:
-        load(demo_data, f"model/moe={variant}", f"{key}={value}")
+        load(demo_data, *overrides, f"{key}={value}")
     cause = str(info.value.__cause__)
     assert f"full_key: {key}" in cause and f"Invalid value '{value}', expected one of [" in cause
 
 
-@pytest.mark.parametrize("variant,key,value", BAD_CHOICES)
-def test_validate_names_bad_choices_of_configs_built_in_python(variant, key, value, demo_data):
-    cfg = load(demo_data, f"model/moe={variant}")
+@pytest.mark.parametrize("overrides,key,value", BAD_CHOICES)
+def test_validate_names_bad_choices_of_configs_built_in_python(overrides, key, value, demo_data):
+    cfg = load(demo_data, *overrides)
     *parents, leaf = key.split(".")
     node = cfg
     for part in parents:
-        node = getattr(node, part)
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
     setattr(node, leaf, value)  # a dataclass attribute: nothing checks it until validate
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)

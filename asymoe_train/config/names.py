@@ -109,6 +109,31 @@ class LoggerMode(StrEnum):  # logger.mode
     disabled = "disabled"
 
 
+class Task(StrEnum):  # curriculum.stages.<s>.task: answer tokens by next-token CE | one label per sample (A-MESS)
+    generate = "generate"
+    classify = "classify"
+
+
+class Fusion(StrEnum):  # model.fusion: how the fused embedding z pools the final hidden states (models.fusion)
+    mean = "mean"
+    anchors = "anchors"
+
+
+class FusionCombine(StrEnum):  # model.head.combine: how the per-modality anchor outputs become z
+    concat = "concat"
+    attention = "attention"
+
+
+class SyncNegatives(StrEnum):  # sync.negatives: the triplet's negative description(s)
+    hardest = "hardest"
+    all = "all"
+
+
+class OOSScore(StrEnum):  # classify.oos_score: best description cosine | max class probability
+    description = "description"
+    confidence = "confidence"
+
+
 VISION_TYPES = values(VisionType)
 LM_TYPES = values(LMType)
 ATTN_IMPLEMENTATIONS = values(AttnImplementation)
@@ -127,6 +152,11 @@ NAMED_TEMPLATES = tuple(t for t in TEMPLATES if t not in ("auto", "chat"))  # as
 AUGMENTATIONS = values(Augmentation)
 PRECISIONS = values(Precision)
 LOGGER_MODES = values(LoggerMode)
+TASKS = values(Task)
+FUSIONS = values(Fusion)
+FUSION_COMBINES = values(FusionCombine)
+SYNC_NEGATIVES = values(SyncNegatives)
+OOS_SCORES = values(OOSScore)
 
 IMAGE_PLACEHOLDER = "<image>"  # where a conversation puts its image; expanded to the image tokens
 
@@ -141,6 +171,7 @@ TRAINABLE_GROUPS = {
     "mlp": "dense FFNs (all FFN slots before upcycling, non-MoE layers after)",
     "experts": "MoE experts (experts.<pool> for one pool)",
     "routers": "MoE routers",
+    "head": "the classification head: fusion, classifier, description projection (classify stages)",
 }
 
 ZERO_STAGES = (0, 1, 2, 3)  # engine.zero_stage; 3 needs expert parallelism 1 (config.validate)

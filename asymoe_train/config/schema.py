@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from asymoe_train.config.classify_schema import ClassifyConfig, HeadConfig, SyncConfig
 from asymoe_train.config.names import (
     AttnImplementation,
     Augmentation,
@@ -27,12 +28,14 @@ from asymoe_train.config.names import (
     EvidenceScore,
     ExpertCompute,
     ExpertType,
+    Fusion,
     HyperbolicGeometry,
     LMType,
     LoggerMode,
     Modality,
     MoEBackend,
     Precision,
+    Task,
     Template,
     VisionType,
 )
@@ -196,6 +199,10 @@ class ModelConfig:
     # bookkeeping and dispatch stay eager. Fuses the element-wise work (SwiGLU, hyperbolic maps, router softmax); the
     # first steps pay the compile time. Needs a C++ compiler. Not with model.moe.backend=deepspeed
     compile_moe: bool = False
+    # classify stages: how the fused embedding z pools the LM's final hidden states: mean (over non-padding positions)
+    # | anchors (learnable anchors cross-attend to image and text tokens separately; model.head)
+    fusion: Fusion = Fusion.mean
+    head: HeadConfig = field(default_factory=HeadConfig)
 
 
 DEFAULT_CAPTION_PROMPTS = (
@@ -279,18 +286,22 @@ class DataConfig:
     # Prompts of caption-only samples (img2dataset layout): each caption sample draws one (seeded by its stream
     # position, so resume replays it); the image placeholder goes in front, `<image>\n<prompt>`.
     caption_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
+    # Label set of classify stages: a YAML with one description per label (asymoe_train.config.labels), absolute,
+    # relative to root, or relative to the source tree (data_recipes/labels/). "" = no classification
+    labels: str = ""
 
 
 @dataclass(kw_only=True)
 class LossConfig:
     """Loss weights of a stage: L = L_lm + balance * mean_layers(sum_routers L_bal) + z * L_z + order * L_order
-    + evd * L_evd. A term whose weight is 0 is not computed. order and evd only exist for models with hyperbolic or
-    evidence experts."""
+    + evd * L_evd (+ sync * L_sync in classify stages, whose cross-entropy takes L_lm's place). A term whose weight is 0
+    is not computed. order and evd only exist for models with hyperbolic or evidence experts."""
 
     balance: float = 0.001
     z: float = 0.0
     order: float = 0.2
     evd: float = 0.01
+    sync: float = 0.0  # classify stages: semantic synchronization (triplet loss on label descriptions; sync.*)
 
 
 @dataclass(kw_only=True)
@@ -298,6 +309,8 @@ class StageConfig:
     """One curriculum stage."""
 
     source: str = MISSING  # key of data.sources
+    # generate: next-token CE on answers | classify: one label per sample (data.labels), CE on the head's logits
+    task: Task = Task.generate
     steps: int = 0  # optimizer steps; 0 = from `epochs`
     epochs: float = 0.0  # passes over data.source_sizes[source]; when > 0 it sets steps = ceil(epochs * size / global
     # batch). Streams are resampled, so an epoch is that many samples, not a guarantee to see each one once
@@ -415,6 +428,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)  # semantic synchronization of classify stages
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # evaluation of classify stages
     resume: str = "none"  # none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory
     # a finished stage of another run (its checkpoints/<stage> directory): this run skips that stage and the ones
     # before it and starts the next from its weights, with this run's own later stages and, while the weights are

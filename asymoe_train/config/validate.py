@@ -40,6 +40,7 @@ from asymoe_train.config.names import (
 from asymoe_train.config.paths import resolve_data_path, shard_files
 from asymoe_train.config.schema import TrainConfig
 from asymoe_train.config.sources import source_parts
+from asymoe_train.config.validate_classify import validate_classify
 
 __all__ = ["ConfigError", "resolve_data_path", "shard_files", "validate"]
 
@@ -423,3 +424,4 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
     _validate_engine(cfg, world_size)
     _validate_curriculum(cfg, world_size)
     _validate_data(cfg, world_size, files)
+    validate_classify(cfg, files)

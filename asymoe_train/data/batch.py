@@ -31,6 +31,7 @@ class Sequence:
     answer: str = ""
     meta: dict = field(default_factory=dict)
     weight: float = 1.0  # loss weight of its answer tokens (``data.answer_balance``)
+    label: int | None = None  # classify: class index of data.labels (-1: out-of-scope); None: not classified
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Batch:
     # tokens per row and modality code (B lists of 3 ints), host data: the model plans with it without reading the
     # device
     modality_counts: list[list[int]] | None = None
+    label_B: torch.Tensor | None = None  # classify batches: class index per sequence (-1: out-of-scope)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {
@@ -70,6 +72,8 @@ class Batch:
             inputs["segment_BT"] = self.segment_BT
         if self.modality_counts is not None:
             inputs["modality_counts"] = self.modality_counts
+        if self.label_B is not None:
+            inputs["classify"] = True
         return inputs
 
     @property
@@ -89,7 +93,7 @@ class Batch:
         return shares
 
     TENSORS = ("input_ids_BT", "labels_BT", "modality_BT", "pixel_values_NCHW", "image_index_B", "context_BT",
-               "segment_BT", "weight_B")
+               "segment_BT", "weight_B", "label_B")
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory=True``), so :meth:`to`
@@ -221,4 +225,6 @@ def collate(sequences: list[Sequence], images: list[torch.Tensor], num_samples: 
         num_positions=(input_ids.numel(), unpacked[1]),
         num_tokens=unpacked[0],
         modality_counts=modality_counts(modality),
+        label_B=(torch.tensor([s.label for s in sequences], dtype=torch.long)
+                 if sequences and sequences[0].label is not None else None),
     )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from asymoe_train.config.labels import LabelSet
 from asymoe_train.config.schema import DEFAULT_CAPTION_PROMPTS, DataConfig
 from asymoe_train.data.batch import Batch, Sequence, collate
 from asymoe_train.data.conversation import (
@@ -83,6 +84,10 @@ class SampleDecoder:
         # (turn metadata value, answer) -> loss weight, from :func:`answer_balance_weights`; set per training stage
         self.answer_weights: dict[tuple[str, str], float] = {}
         self.answer_field = ""
+        # classify stages and their evaluation (data.labels): every sequence is a prompt labelled with a class index
+        # (module doc of asymoe_train.config.labels); training leaves out-of-scope turns out and counts them here
+        self.labels: LabelSet | None = None
+        self.out_of_scope_dropped = 0
 
     @property
     def rng(self) -> random.Random:
@@ -176,15 +181,24 @@ class SampleDecoder:
             groups = self.cap_turns(groups)
         sequences = []
         for group, meta in groups:
-            encoded = self.encoder.encode(group, with_last_answer=not prompt_only)
+            answer = group[-1][1].strip()
+            label = None
+            if self.labels is not None:
+                label = self.labels.index(meta[-1].get("label") or record.get("label") or answer)
+                if label is None:  # a label outside data.labels: the sample is wrong, or the labels file is
+                    self.skipped["unknown_label"] += 1
+                    continue
+                if label < 0 and not prompt_only:  # out-of-scope labels are never trained on
+                    self.out_of_scope_dropped += 1
+                    continue
+            encoded = self.encoder.encode(group, with_last_answer=not prompt_only and label is None)
             if len(encoded.input_ids) > self.max_length:
                 self.skipped["too_long"] += 1
                 continue
-            answer = group[-1][1].strip()
             weight = 1.0
             if self.answer_weights and not prompt_only:
                 weight = self.answer_weights.get((str(meta[-1].get(self.answer_field)), answer), 1.0)
-            sequences.append(Sequence(encoded, 0 if image is not None else -1, answer, meta[-1], weight))
+            sequences.append(Sequence(encoded, 0 if image is not None else -1, answer, meta[-1], weight, label))
         return image, sequences
 
     def batches(self, samples: Iterator[dict], images_per_batch: int, seqs_per_batch: int, prompt_only: bool,

@@ -19,6 +19,7 @@ from asymoe_train.config.derive import evidence_layer_indices, moe_layer_indices
 from asymoe_train.config.schema import ModelConfig
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.backbones import build_language_model, build_vision_tower
+from asymoe_train.models.fusion import ClassifyHead, HeadOutput
 from asymoe_train.moe.block import MoEBlock, MoEOutput, compile_block
 from asymoe_train.moe.evidence import TokenContext
 
@@ -38,8 +39,10 @@ class Projector(nn.Module):
 
 @dataclass
 class VLMOutput:
-    logits_BTV: torch.Tensor
+    logits_BTV: torch.Tensor | None  # None for a classify forward (no LM head)
     moe: dict[int, MoEOutput] = field(default_factory=dict)  # MoE layer index -> block output
+    hidden_BTD: torch.Tensor | None = None  # the LM's final hidden states (after its last norm)
+    head: HeadOutput | None = None  # classify forward: the classification head's output
 
 
 class VisionLanguageModel(nn.Module):
@@ -66,6 +69,8 @@ class VisionLanguageModel(nn.Module):
         # expert-parallel ranks) and the block class (a subclass of MoEBlock, e.g. the DeepSpeed-backed one).
         self.dispatcher = None
         self.block_type: type[MoEBlock] = MoEBlock
+        # classify stages (model.head.num_classes > 0): fusion, class logits, description projection
+        self.head = ClassifyHead(cfg.head, cfg.fusion, lm_hidden) if cfg.head.num_classes else None
 
     # ----------------------------------------------------------------------------------------------------- structure
     @property
@@ -160,12 +165,14 @@ class VisionLanguageModel(nn.Module):
         context_BT: torch.Tensor | None = None,
         segment_BT: torch.Tensor | None = None,
         modality_counts: list[list[int]] | None = None,
+        classify: bool = False,
     ) -> VLMOutput:
         """``context_BT`` marks evidence tokens (image and prompt; not answers, not padding); evidence experts need it.
         ``segment_BT`` (packed batches, ``asymoe_train.data.batch``): the sequence of each position, -1 for padding;
         attention, positions, evidence context and the order loss then stay within each sequence, and
         ``image_index_B`` has one entry per sequence. ``modality_counts`` (host lists: tokens per row and
-        modality code) lets evidence experts ask queries only for the tokens that can be routed to them."""
+        modality code) lets evidence experts ask queries only for the tokens that can be routed to them. ``classify``
+        runs the classification head on the final hidden states instead of the LM head (``VLMOutput.head``)."""
         h_BTD = self.embed(input_ids_BT, modality_BT, pixel_values_NCHW, image_index_B)
         b, t, d = h_BTD.shape
         keep_BT = modality_BT != PAD
@@ -200,8 +207,13 @@ class VisionLanguageModel(nn.Module):
             h_BTD, out = run(layer, h_BTD, rope, mask_B1TT, modality_T, ctx)
             if out is not None:
                 moe_out[i] = out
-        logits = self.lm.lm_head(self.lm.model.norm(h_BTD))
-        return VLMOutput(logits_BTV=logits, moe=moe_out)
+        hidden_BTD = self.lm.model.norm(h_BTD)
+        if classify:
+            if self.head is None:
+                raise ValueError("a classify forward needs the classification head: set data.labels")
+            return VLMOutput(logits_BTV=None, moe=moe_out, hidden_BTD=hidden_BTD,
+                             head=self.head(hidden_BTD, modality_BT))
+        return VLMOutput(logits_BTV=self.lm.lm_head(hidden_BTD), moe=moe_out, hidden_BTD=hidden_BTD)
 
     @staticmethod
     def decoder_layer(layer: nn.Module, h_BTD: torch.Tensor, rope, mask_B1TT: torch.Tensor, modality_T: torch.Tensor,

@@ -41,6 +41,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
             add("routers", f"{prefix}.mlp.routers", layer.mlp.routers)
         else:
             add("mlp", f"{prefix}.mlp", layer.mlp)
+    if getattr(model, "head", None) is not None:
+        add("head", "head", model.head)
     seen = {id(p) for members in groups.values() for _, p in members}
     missing = [name for name, p in model.named_parameters() if id(p) not in seen]
     assert not missing, f"parameters outside every group: {missing[:5]}"

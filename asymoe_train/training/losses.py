@@ -43,8 +43,9 @@ def lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, weight_B: tor
 
 
 def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, world_size: int = 1,
-               weight_B: torch.Tensor | None = None,
-               segment_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               weight_B: torch.Tensor | None = None, segment_BT: torch.Tensor | None = None,
+               main: tuple[str, torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_lm + sum over auxiliary terms (balance, z, order, evd) of weight * mean over MoE layers of the term.
 
     L_lm and the balance loss are terms of the micro-batch over all ``world_size`` data-parallel ranks (one
@@ -58,16 +59,22 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
     statistics) are per rank, and so averaged over ranks. ``weight_B`` weights each sequence's answer tokens in L_lm
     (answer balancing); the normaliser stays the token count.
 
+    ``main`` replaces L_lm by another task loss, given as (name, summed loss, count), e.g. the summed classification
+    cross-entropy and the number of samples of a classify stage (``asymoe_train.training.sync``); it is normalised and
+    reduced over ranks as L_lm is, and logged as ``loss/<name>``.
+
     The metrics are detached device tensors: nothing here waits for the device (``host_metrics`` reads them, on log
     steps).
     """
-    loss_sum, num_tokens = lm_loss_sum(out.logits_BTV, labels_BT, weight_B, segment_BT)
+    if main is None:
+        main = ("lm", *lm_loss_sum(out.logits_BTV, labels_BT, weight_B, segment_BT))
+    main_name, loss_sum, num_tokens = main
     lm = loss_sum / num_tokens.clamp_min(1)
     aux: dict[str, torch.Tensor] = {}
     names = sorted({name for o in out.moe.values() for name in o.losses})
     for name in names:  # each term averaged over the MoE layers that produce it
         aux[name] = torch.stack([o.losses[name] for o in out.moe.values() if name in o.losses]).mean()
-    logged = {"lm": lm, **aux}
+    logged = {main_name: lm, **aux}
     if world_size > 1:
         # Layers with a balance loss, if all of them return its statistics (DeepSpeed's MoE layer returns none).
         balanced = [o for o in out.moe.values() if "balance" in o.losses]
@@ -85,7 +92,7 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
         torch.distributed.all_reduce(totals)
         global_sum, num_tokens = totals[0], totals[1]
         lm = loss_sum * (world_size / num_tokens.clamp_min(1)).to(loss_sum.dtype)
-        logged["lm"] = (global_sum / num_tokens.clamp_min(1)).float()
+        logged[main_name] = (global_sum / num_tokens.clamp_min(1)).float()
         if balanced:
             aux["balance"], logged["balance"] = global_balance(balanced, totals[2:], world_size)
     loss = lm
@@ -96,7 +103,7 @@ def total_loss(out: VLMOutput, labels_BT: torch.Tensor, weights: LossConfig, wor
     if world_size == 1:
         metrics["loss/total"] = loss.detach()
     else:  # the global L_lm and balance loss plus this rank's other auxiliary terms
-        metrics["loss/total"] = metrics["loss/lm"] + sum(
+        metrics["loss/total"] = metrics[f"loss/{main_name}"] + sum(
             getattr(weights, name) * metrics[f"loss/{name}"] for name in aux if getattr(weights, name))
     metrics["answer_tokens"] = num_tokens
     return loss, metrics

@@ -26,12 +26,17 @@ class TrainStep:
     evidence loss (``model.moe.evidence.loss_kind=counterfactual``) runs a second, image-blind forward every
     ``counterfactual_every`` optimizer steps (``step`` is the optimizer step the micro-batch belongs to).
 
+    ``objective`` (a :class:`asymoe_train.training.sync.ClassifyObjective`, classify stages): the step refreshes the
+    label descriptions when due, its cross-entropy replaces L_lm and its synchronization loss is added.
+
     At the end of each accumulation window the metrics hold ``guard/skipped``: 1.0 when the optimizer step was skipped
     because a loss or the gradient norm was not finite (:mod:`asymoe_train.training.guard`), else 0.0."""
 
     def __init__(self, engine, model, losses: LossConfig, evidence: EvidenceConfig, engine_cfg: EngineConfig,
-                 world_size: int = 1, expert_parallel=None, rank: int = 0, dead_expert_steps: int = 0):
+                 world_size: int = 1, expert_parallel=None, rank: int = 0, dead_expert_steps: int = 0,
+                 objective=None):
         self.engine, self.losses, self.world_size = engine, losses, world_size
+        self.objective = objective
         self.expert_parallel, self.zero_stage = expert_parallel, engine_cfg.zero_stage
         active = {name for name in AUX_LOSSES if getattr(losses, name)}
         for block in model.moe_blocks().values():
@@ -49,10 +54,16 @@ class TrainStep:
         engine reports one) to the metrics. Loss terms and token counts come back as device tensors, so a step
         does not wait for the device; read them with :func:`asymoe_train.training.losses.host_metrics` on log
         steps. The divergence guard reads one flag per optimizer step."""
-        engine = self.engine
+        engine, objective = self.engine, self.objective
+        if objective is not None:
+            objective.refresh(engine, step)
         out = engine(**batch.model_inputs())
         loss, metrics = total_loss(out, batch.labels_BT, self.losses, self.world_size, batch.weight_B,
-                                   batch.segment_BT)
+                                   batch.segment_BT, main=objective and objective.main_loss(out, batch))
+        if objective is not None and objective.weight:
+            sync = objective.sync_loss(out, batch, metrics)
+            loss = loss + sync
+            metrics["loss/total"] = metrics["loss/total"] + sync.detach()
         if self.counterfactual_every and step % self.counterfactual_every == 0:
             blind = engine(**{**batch.model_inputs(), "pixel_values_NCHW": torch.zeros_like(batch.pixel_values_NCHW)})
             cf = counterfactual_evidence_loss(out, blind, batch.labels_BT, batch.image_index_B >= 0, self.margin,

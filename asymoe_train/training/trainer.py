@@ -18,6 +18,7 @@ from asymoe_train.checkpoint.store import TrainerState, config_hash, prune_check
 from asymoe_train.checkpoint.weights import load_stage_model
 from asymoe_train.config.derive import image_tokens_per_image, tag_lr, upcycled_after
 from asymoe_train.config.errors import DivergenceError
+from asymoe_train.config.labels import labels_path, load_labels
 from asymoe_train.config.paths import resolve_data_path
 from asymoe_train.config.schema import StageConfig, TrainConfig
 from asymoe_train.data.batch import Batch
@@ -30,6 +31,7 @@ from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.distributed.deepspeed_moe import moe_block_type
 from asymoe_train.distributed.engine import build_engine
 from asymoe_train.distributed.expert_parallel import AllToAllDispatcher, init_expert_parallel
+from asymoe_train.evaluation.classify import evaluate_classify_stage
 from asymoe_train.evaluation.report import evaluate_splits, evaluate_stage, logged_metrics, print_eval, stored_results
 from asymoe_train.modality import IMAGE, PAD
 from asymoe_train.models.vlm import VisionLanguageModel, build_model
@@ -44,8 +46,14 @@ from asymoe_train.training.params import format_count, stage_params
 from asymoe_train.training.schedule import rebase_schedule
 from asymoe_train.training.signals import Preempted, StopSignals
 from asymoe_train.training.step import TrainStep
+from asymoe_train.training.sync import ClassifyObjective
 
 log = logging.getLogger(__name__)
+
+
+def main_loss(metrics: dict) -> float:
+    """The task loss of a step's metrics: L_lm of a generate stage, the cross-entropy of a classify stage."""
+    return float(metrics["loss/lm"] if "loss/lm" in metrics else metrics["loss/ce"])
 
 
 @dataclass
@@ -73,6 +81,7 @@ class Trainer:
         self.tokenizer = TextTokenizer(resolve_data_path(cfg.data, cfg.data.tokenizer))
         self.num_image_tokens = image_tokens_per_image(cfg.model.vision)
         self.encoder = ConversationEncoder(self.tokenizer, cfg.data.template, self.num_image_tokens)
+        self.labels = load_labels(labels_path(cfg.data)) if cfg.data.labels else None  # classify stages
         self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
         self.expert_parallel = init_expert_parallel(cfg.engine)  # None without expert parallelism
         self.layout = resume.layout_of(cfg.engine, world_size)
@@ -123,8 +132,13 @@ class Trainer:
         model = self.build_stage_model(index, resuming=start is not None)
         counts = self.prepare_stage(model, index, name, stage)
         engine = build_engine(model, self.cfg.engine, stage, stage.steps, self.expert_parallel)
+        objective = None
+        if stage.task == "classify":
+            objective = ClassifyObjective(model, self.labels, self.tokenizer, self.cfg.sync, stage.losses.sync,
+                                          engine.device, self.world_size)
         train_step = TrainStep(engine, model, stage.losses, self.cfg.model.moe.evidence, self.cfg.engine,
-                               self.world_size, self.expert_parallel, self.rank, self.cfg.logger.dead_expert_steps)
+                               self.world_size, self.expert_parallel, self.rank, self.cfg.logger.dead_expert_steps,
+                               objective)
         train_step.nan_steps = injected_nan_steps(name)
         if start is not None:
             load_checkpoint(engine, model, start[1], self.rank, start[0].layout, self.layout)
@@ -162,7 +176,7 @@ class Trainer:
             if log_step:  # the step's loss terms are device tensors until here: one copy per log step
                 metrics = host_metrics(metrics)
                 perf = speed.metrics()
-                progress.set_postfix(loss=f"{metrics['loss/lm']:.3f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}")
+                progress.set_postfix(loss=f"{main_loss(metrics):.3f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}")
                 group_lrs = {f"lr/{g['lr_group']}": g["lr"] for g in engine.lr_scheduler.optimizer.param_groups
                              if g.get("lr_group", "default") != "default"}  # lr_scale / lr_groups
                 self.logger.log({**metrics, **perf, **train_step.load.metrics(), "lr": engine.get_lr()[0],
@@ -171,7 +185,7 @@ class Trainer:
             self.checkpoint_or_stop(engine, model, stage, last=False, progress=progress)
         progress.close()
         if self.rank == 0:
-            log.info(f"stage {name}: done, final lm loss {float(metrics['loss/lm']):.4f}; data: {budget.summary()}; "
+            log.info(f"stage {name}: done, final {stage.task} loss {main_loss(metrics):.4f}; data: {budget.summary()}; "
                      f"skipped optimizer steps (non-finite loss or gradient norm): {skips.total}")
         path = self.checkpoint_or_stop(engine, model, stage, last=True)
         del stream
@@ -220,6 +234,8 @@ class Trainer:
         """The stage's training batches from where its streams stand; answer weights if ``data.answer_balance``."""
         data, seed = self.cfg.data, self.cfg.seed * 100 + index
         decoder = self.decoder(train=True, seed=seed)  # per-sample draws are seeded by stream position, not rank
+        if stage.task == "classify":
+            decoder.labels = self.labels
         if data.answer_balance:
             decoder.answer_field = data.answer_balance
             decoder.answer_weights = weights = answer_balance_weights(data, data.sources[stage.source])
@@ -359,6 +375,11 @@ class Trainer:
         """Exact-match accuracy on every eval source; table on the console, ``eval/<stage>.json`` on disk."""
         if self.rank != 0 or not self.cfg.data.eval_sources:
             return {}
+        if self.cfg.curriculum.stages[stage].task == "classify":
+            results, logged = evaluate_classify_stage(model, self.cfg, self.labels, self.decoder, device, self.dtype,
+                                                      stage, self.progress.global_step)
+            self.logger.log(logged, self.progress.global_step)
+            return results
         results, logged = evaluate_stage(model, self.cfg, self.decoder, self.tokenizer, device, self.dtype, stage,
                                          self.progress.global_step)
         self.logger.log(logged, self.progress.global_step)
