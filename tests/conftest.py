@@ -94,6 +94,17 @@ def unload_recipe(module: ModuleType) -> None:
     sys.modules.pop(module.__name__, None)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the suite's torch thread count: a test that changes it (e.g. to measure memory on one
+    thread) must not change the summation order, and so the fp32 rounding, of the tests after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def recipe():
     """The easy-vqa recipe module."""

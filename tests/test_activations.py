@@ -55,7 +55,7 @@ class PeakMemory(TorchDispatchMode):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_estimate_matches_the_measured_peak_of_the_tiny_model(checkpointing):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # restored after the test (conftest)
     cfg = compose_config(["experiment=demo", f"model.activation_checkpointing={checkpointing}"])
     stage = cfg.curriculum.stages["instruct"]
     model = build_model(cfg.model, VOCAB, 0)
