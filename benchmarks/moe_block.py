@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 
 from deepspeed_baseline import deepspeed_drops, deepspeed_twin, init_single_process, native_drops  # noqa: E402
 
-from asymoe_train.config.schema import MoEConfig  # noqa: E402
+from asymoe_train.config.moe_schema import MoEConfig  # noqa: E402
 from asymoe_train.modality import IMAGE, TEXT  # noqa: E402
 from asymoe_train.moe.block import MoEBlock  # noqa: E402
 from asymoe_train.moe.evidence import TokenContext  # noqa: E402

@@ -38,13 +38,9 @@ import torch
 import torch.distributed as dist
 from dist_helpers import group_timeout
 
+from asymoe_train.config.moe_schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
 from asymoe_train.config.schema import (
     EngineConfig,
-    EvidenceConfig,
-    HyperbolicConfig,
-    MoEConfig,
-    PoolConfig,
-    RouterConfig,
 )
 from asymoe_train.distributed.engine import init_distributed
 from asymoe_train.distributed.expert_parallel import (

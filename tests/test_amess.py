@@ -16,7 +16,7 @@ from test_moe import variant
 from asymoe_train.config.classify_schema import HeadConfig, SyncConfig
 from asymoe_train.config.errors import ConfigError
 from asymoe_train.config.labels import LabelSet, load_labels
-from asymoe_train.config.schema import MoEConfig
+from asymoe_train.config.moe_schema import MoEConfig
 from asymoe_train.data.conversation import ConversationEncoder
 from asymoe_train.data.decode import SampleDecoder
 from asymoe_train.data.tokenizer import TextTokenizer

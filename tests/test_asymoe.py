@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from asymoe_train.config.schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.moe_schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.evidence import EvidenceExperts, TokenContext

@@ -26,15 +26,13 @@ from transformers import (
 )
 
 from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.config.moe_schema import MoEConfig, PoolConfig, RouterConfig
 from asymoe_train.config.schema import (
     BackboneConfig,
     CurriculumConfig,
     DataConfig,
     LMConfig,
     ModelConfig,
-    MoEConfig,
-    PoolConfig,
-    RouterConfig,
     StageConfig,
     TrainConfig,
     VisionConfig,

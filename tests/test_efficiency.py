@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from asymoe_train.config.moe_schema import MoEConfig
 from asymoe_train.config.schema import (
     LMConfig,
     LossConfig,
     ModelConfig,
-    MoEConfig,
     VisionConfig,
 )
 from asymoe_train.modality import IMAGE, PAD, TEXT

@@ -17,13 +17,13 @@ import asymoe_train
 from asymoe_train.checkpoint.weights import WEIGHTS, save_weights, stage_dir
 from asymoe_train.config import validate
 from asymoe_train.config.derive import image_tokens_per_image
+from asymoe_train.config.moe_schema import MoEConfig
 from asymoe_train.config.schema import (
     CurriculumConfig,
     DataConfig,
     LMConfig,
     LoggerConfig,
     ModelConfig,
-    MoEConfig,
     StageConfig,
     TrainConfig,
     VisionConfig,

@@ -11,18 +11,14 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.phi3.modeling_phi3 import Phi3MLP
 
 from asymoe_train.config.errors import ConfigError
+from asymoe_train.config.moe_schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
 from asymoe_train.config.schema import (
-    EvidenceConfig,
-    HyperbolicConfig,
     LMConfig,
     ModelConfig,
-    MoEConfig,
-    PoolConfig,
-    RouterConfig,
     StageConfig,
     VisionConfig,
 )
-from asymoe_train.config.validate import _validate_width
+from asymoe_train.config.validate_moe import validate_width
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock
 from asymoe_train.moe.evidence import TokenContext
@@ -102,10 +98,10 @@ def test_memory_and_hyperbolic_experts_take_segments_too(expert):
 
 def test_widths_are_whole_multiples_or_segments():
     for good in (1, 2, 0.5, 0.25, 0.125):
-        _validate_width("model.moe.pools.0.width", good, 64)
+        validate_width("model.moe.pools.0.width", good, 64)
     for bad, message in ((0.3, "0.25"), (1.5, "whole multiples"), (0, "must be"), (1 / 3, "do not split")):
         with pytest.raises(ConfigError, match=message) as info:
-            _validate_width("model.moe.pools.0.width", bad, 64)
+            validate_width("model.moe.pools.0.width", bad, 64)
         assert "model.moe.pools.0.width" in str(info.value)
 
 

@@ -12,7 +12,7 @@ from test_asymoe import asymoe_cfg, asymoe_paper_cfg
 from test_moe import variant
 from torch.overrides import TorchFunctionMode
 
-from asymoe_train.config.schema import MoEConfig
+from asymoe_train.config.moe_schema import MoEConfig
 from asymoe_train.data.batch import modality_counts
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.moe.block import MoEBlock

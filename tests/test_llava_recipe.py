@@ -395,9 +395,10 @@ def test_a_mixture_source_validates_and_bad_keys_are_named(demo_data):
 
 
 @pytest.mark.parametrize("data_option", sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "data"))
-                                                if f.endswith(".yaml") and f != "easy_vqa.yaml"))
+                                                if f.endswith(".yaml") and f not in ("easy_vqa.yaml", "scenes.yaml")))
 def test_every_data_option_composes_with_a_paper_recipe(data_option, demo_data):
-    """The real-data options (easy_vqa is composed by every demo test)."""
+    """The real-data options (easy_vqa is composed by every demo test, scenes by experiment=ablation_scenes in
+    tests/test_config.py)."""
     cfg = load(demo_data, "experiment=asymoe_phi3_mini", f"data={data_option}")
     assert cfg.data.name == data_option
     validate(cfg, world_size=8, files=False)

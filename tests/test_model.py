@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asymoe_train.config.schema import LMConfig, ModelConfig, MoEConfig, PoolConfig, RouterConfig, VisionConfig
+from asymoe_train.config.moe_schema import MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.schema import LMConfig, ModelConfig, VisionConfig
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.models.vlm import build_model
 from asymoe_train.training.groups import GROUPS, parameter_groups, set_trainable

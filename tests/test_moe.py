@@ -8,7 +8,8 @@ from transformers import LlamaConfig, MixtralConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from asymoe_train.config.schema import LossConfig, MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.moe_schema import MoEConfig, PoolConfig, RouterConfig
+from asymoe_train.config.schema import LossConfig
 from asymoe_train.data.conversation import IGNORE
 from asymoe_train.modality import IMAGE, PAD, TEXT
 from asymoe_train.models.vlm import VLMOutput

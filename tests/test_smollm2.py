@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from asymoe_train.config.derive import image_tokens_per_image
-from asymoe_train.config.schema import BackboneConfig, LMConfig, ModelConfig, MoEConfig, VisionConfig
+from asymoe_train.config.moe_schema import MoEConfig
+from asymoe_train.config.schema import BackboneConfig, LMConfig, ModelConfig, VisionConfig
 from asymoe_train.data.conversation import IGNORE, ConversationEncoder
 from asymoe_train.data.tokenizer import TextTokenizer
 from asymoe_train.modality import IMAGE, PAD

@@ -17,10 +17,10 @@ from test_model import MOIIE, VOCAB, batch, tiny
 from asymoe_train.checkpoint.deepspeed_optim import UnsupportedDeepSpeed, check_version, pinned_range
 from asymoe_train.checkpoint.rng import ProcessRng
 from asymoe_train.checkpoint.store import TrainerState
+from asymoe_train.config.moe_schema import EvidenceConfig
 from asymoe_train.config.schema import (
     CurriculumConfig,
     EngineConfig,
-    EvidenceConfig,
     LoggerConfig,
     LossConfig,
     StageConfig,

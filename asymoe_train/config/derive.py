@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from asymoe_train.config.schema import DataConfig, MoEConfig, StageConfig, TrainConfig, VisionConfig
+from asymoe_train.config.moe_schema import MoEConfig
+from asymoe_train.config.schema import DataConfig, StageConfig, TrainConfig, VisionConfig
 from asymoe_train.config.sources import source_parts
 
 

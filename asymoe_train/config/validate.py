@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 
+from asymoe_train.config.checks import choice, nonempty_path, nonnegative, positive
 from asymoe_train.config.derive import (
-    evidence_layer_indices,
-    moe_layer_indices,
-    reachable_experts,
     stage_steps,
     stage_warmup,
 )
@@ -18,19 +16,9 @@ from asymoe_train.config.errors import ConfigError
 from asymoe_train.config.names import (
     ATTN_IMPLEMENTATIONS,
     AUGMENTATIONS,
-    CONE_FORMS,
-    CONE_PARENTS,
-    EVIDENCE_FORMS,
-    EVIDENCE_LOSS_KINDS,
-    EVIDENCE_SCORES,
-    EXPERT_COMPUTE_MODES,
-    EXPERT_TYPES,
-    HYPERBOLIC_GEOMETRIES,
     IMAGE_PLACEHOLDER,
     LM_TYPES,
     LOGGER_MODES,
-    MODALITIES,
-    MOE_BACKENDS,
     PRECISIONS,
     TEMPLATES,
     TRAINABLE_GROUPS,
@@ -41,29 +29,9 @@ from asymoe_train.config.paths import resolve_data_path, shard_files
 from asymoe_train.config.schema import TrainConfig
 from asymoe_train.config.sources import source_parts
 from asymoe_train.config.validate_classify import validate_classify
+from asymoe_train.config.validate_moe import validate_moe
 
 __all__ = ["ConfigError", "resolve_data_path", "shard_files", "validate"]
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value} must be > 0")
-
-
-def _nonnegative(key: str, value: float, meaning: str = "") -> None:
-    if value < 0:
-        raise ConfigError(f"{key}={value} must be >= 0" + (f" ({meaning})" if meaning else ""))
-
-
-def _path(key: str, value: str, fix: str) -> None:
-    """A path setting must not be empty: an empty path silently means the working directory."""
-    if not str(value).strip():
-        raise ConfigError(f"{key}={value!r} is empty; {fix}")
 
 
 def _validate_backbone_paths(cfg: TrainConfig) -> None:
@@ -82,12 +50,12 @@ def _validate_backbone_paths(cfg: TrainConfig) -> None:
 
 
 def _validate_model(cfg: TrainConfig) -> None:
-    vision, lm, moe = cfg.model.vision, cfg.model.lm, cfg.model.moe
-    _choice("model.vision.type", vision.type, VISION_TYPES)
-    _choice("model.lm.type", lm.type, LM_TYPES)
-    _choice("model.lm.attn_implementation", lm.attn_implementation, ATTN_IMPLEMENTATIONS)
+    vision, lm = cfg.model.vision, cfg.model.lm
+    choice("model.vision.type", vision.type, VISION_TYPES)
+    choice("model.lm.type", lm.type, LM_TYPES)
+    choice("model.lm.attn_implementation", lm.attn_implementation, ATTN_IMPLEMENTATIONS)
     for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "merge"):
-        _positive(f"model.vision.{key}", getattr(vision, key))
+        positive(f"model.vision.{key}", getattr(vision, key))
     if vision.image_size < vision.patch_size:
         raise ConfigError(
             f"model.vision.image_size={vision.image_size} is smaller than model.vision.patch_size={vision.patch_size}"
@@ -117,123 +85,23 @@ def _validate_model(cfg: TrainConfig) -> None:
     if lm.num_heads % lm.num_kv_heads:
         raise ConfigError(f"model.lm.num_heads={lm.num_heads} is not divisible by model.lm.num_kv_heads={lm.num_kv_heads}")
 
-    try:
-        moe_layer_indices(moe.layers, lm.num_layers)
-    except ValueError as exn:
-        raise ConfigError(str(exn)) from None
-    _choice("model.moe.backend", moe.backend, MOE_BACKENDS)
-    _choice("model.moe.expert_compute", moe.expert_compute, EXPERT_COMPUTE_MODES)
-    if not moe.pools:
-        if moe.routers:
-            raise ConfigError("model.moe.routers is set but model.moe.pools is empty; a dense model has neither")
-        return
-    _positive("model.moe.top_k", moe.top_k)
-    pool_names = [p.name for p in moe.pools]
-    if len(set(pool_names)) != len(pool_names):
-        raise ConfigError(f"model.moe.pools has duplicate names {pool_names}")
-    for i, pool in enumerate(moe.pools):
-        _choice(f"model.moe.pools.{i}.expert", pool.expert, EXPERT_TYPES)
-        _positive(f"model.moe.pools.{i}.num_experts", pool.num_experts)
-        _validate_width(f"model.moe.pools.{i}.width", pool.width, cfg.model.lm.intermediate_size)
-        if pool.num_experts % cfg.engine.ep_size:
-            raise ConfigError(
-                f"model.moe.pools.{i}.num_experts={pool.num_experts} ({pool.name}) is not divisible by "
-                f"engine.ep_size={cfg.engine.ep_size}; make every pool a multiple of the expert-parallel size"
-            )
-    if not moe.routers:
-        raise ConfigError("model.moe.pools is set but model.moe.routers is empty; add a router that reaches the pools")
-    served: dict[str, str] = {}
-    reached: set[str] = set()
-    for i, router in enumerate(moe.routers):
-        for modality in router.modalities:
-            _choice(f"model.moe.routers.{i}.modalities", modality, MODALITIES)
-            if modality in served:
-                raise ConfigError(
-                    f"model.moe.routers.{i}.modalities: {modality!r} tokens are already routed by router "
-                    f"{served[modality]!r}; each modality has exactly one router"
-                )
-            served[modality] = router.name
-        for pool in router.pools:
-            _choice(f"model.moe.routers.{i}.pools", pool, pool_names)
-            reached.add(pool)
-    missing = [m for m in MODALITIES if m not in served]
-    if missing:
-        raise ConfigError(f"model.moe.routers: no router serves {missing} tokens; add them to a router's modalities")
-    unreached = [p for p in pool_names if p not in reached]
-    if unreached:
-        raise ConfigError(f"model.moe.pools {unreached} are reached by no router; add them to a router's pools")
-    kinds = {p.expert for p in moe.pools}
-    if "hyperbolic" in kinds:
-        hyp = moe.hyperbolic
-        _choice("model.moe.hyperbolic.geometry", hyp.geometry, HYPERBOLIC_GEOMETRIES)
-        _choice("model.moe.hyperbolic.cone_parent", hyp.cone_parent, CONE_PARENTS)
-        _choice("model.moe.hyperbolic.cone_form", hyp.cone_form, CONE_FORMS)
-        if not 0 < hyp.curvature_min <= hyp.curvature_init <= hyp.curvature_max:
-            raise ConfigError(
-                "model.moe.hyperbolic: need 0 < curvature_min <= curvature_init <= curvature_max, got "
-                f"{hyp.curvature_min}, {hyp.curvature_init}, {hyp.curvature_max}"
-            )
-    if "evidence" in kinds:
-        ev = moe.evidence
-        _choice("model.moe.evidence.loss_kind", ev.loss_kind, EVIDENCE_LOSS_KINDS)
-        _choice("model.moe.evidence.form", ev.form, EVIDENCE_FORMS)
-        _choice("model.moe.evidence.score", ev.score, EVIDENCE_SCORES)
-        _positive("model.moe.evidence.counterfactual_every", ev.counterfactual_every)
-        if lm.hidden_size % ev.num_heads:
-            raise ConfigError(
-                f"model.moe.evidence.num_heads={ev.num_heads} does not divide model.lm.hidden_size={lm.hidden_size}"
-            )
-        if not 0 < ev.alpha_init < 1:
-            raise ConfigError(f"model.moe.evidence.alpha_init={ev.alpha_init} must be in (0, 1)")
-        try:
-            evidence_layer_indices(ev.layers, moe_layer_indices(moe.layers, lm.num_layers))
-        except ValueError as exn:
-            raise ConfigError(str(exn)) from None
-    for name, num in reachable_experts(moe).items():
-        if moe.top_k > num:
-            raise ConfigError(
-                f"model.moe.top_k={moe.top_k} exceeds the {num} experts router {name!r} can reach; "
-                f"lower top_k or enlarge its pools"
-            )
-    if moe.backend == "deepspeed" and cfg.model.compile_moe:
-        raise ConfigError("model.compile_moe=true compiles the native block's pools, which DeepSpeed's MoE layer "
-                          "(model.moe.backend=deepspeed) does not call; set model.compile_moe=false or "
-                          "model.moe.backend=native")
-    if moe.backend == "deepspeed" and cfg.engine.zero_stage == 3:
-        raise ConfigError("model.moe.backend=deepspeed with engine.zero_stage=3: DeepSpeed's MoE layer refuses "
-                          "ZeRO-3; set model.moe.backend=native (the native block trains under ZeRO-3) or "
-                          "engine.zero_stage=2")
-    if moe.backend == "deepspeed":
-        vanilla = (len(moe.pools) == 1 and moe.pools[0].expert == "ffn" and moe.pools[0].width == 1
-                   and len(moe.routers) == 1 and set(moe.routers[0].modalities) == set(MODALITIES))
-        if not vanilla:
-            raise ConfigError(
-                f"model.moe.backend=deepspeed: DeepSpeed's MoE layer holds one pool of ffn experts (width 1) behind "
-                f"one router for all tokens, the vanilla variant, not {moe.variant!r}; use model/moe=vanilla or "
-                "model.moe.backend=native"
-            )
-        if moe.top_k < 2:
-            raise ConfigError(
-                f"model.moe.top_k={moe.top_k} with model.moe.backend=deepspeed: DeepSpeed's top-1 gate caps the "
-                "expert capacity by each rank's own token count, so uneven token counts give the ranks different "
-                "all-to-all buffers and crash the job; use top_k >= 2 or model.moe.backend=native"
-            )
+    validate_moe(cfg)
 
 
 def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     data = cfg.data
-    _path("data.root", data.root, "set it to the directory of the shards and the tokenizer (data.root=. for the "
+    nonempty_path("data.root", data.root, "set it to the directory of the shards and the tokenizer (data.root=. for the "
           "working directory)")
-    _path("data.tokenizer", data.tokenizer, "set it to a tokenizer.json or a Hugging Face tokenizer directory, "
+    nonempty_path("data.tokenizer", data.tokenizer, "set it to a tokenizer.json or a Hugging Face tokenizer directory, "
           "relative to data.root or absolute")
-    _choice("data.template", data.template, TEMPLATES)
+    choice("data.template", data.template, TEMPLATES)
     parts = {name: source_parts(f"data.sources.{name}", value) for name, value in data.sources.items()}
     for n, prompt in enumerate(data.caption_prompts):
         if not isinstance(prompt, str) or not prompt.strip() or IMAGE_PLACEHOLDER in prompt:
             raise ConfigError(f"data.caption_prompts.{n}={prompt!r} must be non-empty text without "
                               f"{IMAGE_PLACEHOLDER} (the placeholder is put in front of it)")
-    _positive("data.max_length", data.max_length)
-    _choice("data.augment", data.augment, AUGMENTATIONS)
+    positive("data.max_length", data.max_length)
+    choice("data.augment", data.augment, AUGMENTATIONS)
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers={data.num_workers} must be >= 0")
     readers = world_size * max(1, data.num_workers)
@@ -245,11 +113,11 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
         )
     if not 0 <= data.max_bad_fraction < 1:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be in [0, 1)")
-    _nonnegative("data.bad_fraction_min_samples", data.bad_fraction_min_samples,
+    nonnegative("data.bad_fraction_min_samples", data.bad_fraction_min_samples,
                  "samples read before data.max_bad_fraction is enforced")
-    _nonnegative("data.shuffle_buffer", data.shuffle_buffer)
+    nonnegative("data.shuffle_buffer", data.shuffle_buffer)
     for value, cap in data.turn_caps.items():
-        _nonnegative(f"data.turn_caps.{value}", cap, "turns kept per sample")
+        nonnegative(f"data.turn_caps.{value}", cap, "turns kept per sample")
     if data.answer_balance and not data.split_turns:
         raise ConfigError(f"data.answer_balance={data.answer_balance!r} weights single turns; it needs "
                           "data.split_turns=true (or set data.answer_balance='')")
@@ -258,7 +126,7 @@ def _validate_data(cfg: TrainConfig, world_size: int, files: bool) -> None:
     for name, size in data.source_sizes.items():
         if name not in data.sources:
             raise ConfigError(f"data.source_sizes.{name}: no such source in data.sources {sorted(data.sources)}")
-        _positive(f"data.source_sizes.{name}", size)
+        positive(f"data.source_sizes.{name}", size)
     if not files:
         return
     tokenizer = resolve_data_path(data, data.tokenizer)
@@ -292,7 +160,7 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
         if stage.source not in cfg.data.sources:
             raise ConfigError(f"{key}.source={stage.source!r} is not in data.sources {sorted(cfg.data.sources)}")
         for field_name in ("batch_size", "grad_accum", "lr"):
-            _positive(f"{key}.{field_name}", getattr(stage, field_name))
+            positive(f"{key}.{field_name}", getattr(stage, field_name))
         if stage.global_batch_size < 0 or stage.global_batch_size % (stage.batch_size * world_size):
             raise ConfigError(
                 f"{key}.global_batch_size={stage.global_batch_size} is not a multiple of {key}.batch_size="
@@ -309,8 +177,8 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
                 f"{key}.epochs={stage.epochs} needs the size of source {stage.source!r}: set "
                 f"data.source_sizes.{stage.source}=<samples>, or train for {key}.steps instead"
             )
-        _nonnegative(f"{key}.warmup_steps", stage.warmup_steps)
-        _nonnegative(f"{key}.weight_decay", stage.weight_decay)
+        nonnegative(f"{key}.warmup_steps", stage.warmup_steps)
+        nonnegative(f"{key}.weight_decay", stage.weight_decay)
         if not 0 <= stage.min_lr_ratio <= 1:
             raise ConfigError(f"{key}.min_lr_ratio={stage.min_lr_ratio} must be in [0, 1]")
         if not 0 <= stage.warmup_ratio < 1:
@@ -341,22 +209,6 @@ def _validate_curriculum(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"{key}: {sorted(both)} set in both lr_scale and lr_groups; keep one")
 
 
-def _validate_width(key: str, width: float, intermediate_size: int) -> None:
-    """An expert width: a whole multiple of the dense FFN, or one of S equal segments of its hidden units."""
-    _positive(key, width)
-    segments = 1 / width
-    if width >= 1 and float(width).is_integer():
-        return
-    if width < 1 and abs(segments - round(segments)) < 1e-9:
-        if intermediate_size and intermediate_size % round(segments):
-            raise ConfigError(f"{key}={width}: the FFN's {intermediate_size} hidden units (model.lm.intermediate_size) "
-                              f"do not split into {round(segments)} equal segments; choose a width 1/S with S dividing "
-                              "them")
-        return
-    raise ConfigError(f"{key}={width}: expert widths are whole multiples of the FFN (1, 2, ...) or fine-grained "
-                      "segments 1/S of it (0.5, 0.25, 0.125, ...)")
-
-
 def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
     engine = cfg.engine
     if engine.ep_size > 1 and engine.zero_stage == 3:
@@ -369,20 +221,20 @@ def _validate_engine(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"engine.zero_stage={engine.zero_stage} is not a ZeRO stage; use one of {list(ZERO_STAGES)}"
         )
-    _choice("engine.precision", engine.precision, PRECISIONS)
+    choice("engine.precision", engine.precision, PRECISIONS)
     if len(engine.adam_betas) != 2:
         raise ConfigError(f"engine.adam_betas={engine.adam_betas} must hold two numbers")
-    _positive("engine.ep_size", engine.ep_size)
+    positive("engine.ep_size", engine.ep_size)
     if world_size % engine.ep_size:
         raise ConfigError(
             f"engine.ep_size={engine.ep_size} does not divide the world size {world_size}; "
             "choose an expert-parallel size that divides the number of ranks"
         )
-    _nonnegative("engine.grad_clip", engine.grad_clip, "0 = no clipping")
-    _positive("engine.adam_eps", engine.adam_eps)
-    _nonnegative("engine.threads", engine.threads, "0 = torch's default")
-    _positive("engine.dist_timeout_s", engine.dist_timeout_s)
-    _positive("engine.ep_timeout_s", engine.ep_timeout_s)
+    nonnegative("engine.grad_clip", engine.grad_clip, "0 = no clipping")
+    positive("engine.adam_eps", engine.adam_eps)
+    nonnegative("engine.threads", engine.threads, "0 = torch's default")
+    positive("engine.dist_timeout_s", engine.dist_timeout_s)
+    positive("engine.ep_timeout_s", engine.ep_timeout_s)
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
@@ -390,20 +242,20 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
 
     ``files=False`` skips what lives on disk (backbone checkpoints, tokenizer, shards): ``asymoe-train plan`` checks a
     recipe on a machine without its weights and data."""
-    _positive("world_size", world_size)
-    _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
-    _positive("logger.log_every", cfg.logger.log_every)
+    positive("world_size", world_size)
+    choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    positive("logger.log_every", cfg.logger.log_every)
     if cfg.logger.dead_expert_steps < 0:
         raise ConfigError(f"logger.dead_expert_steps={cfg.logger.dead_expert_steps} must be >= 0 (log steps without "
                           "tokens before an expert is reported dead; 0 = never)")
     if cfg.logger.peak_tflops < 0:
         raise ConfigError(f"logger.peak_tflops={cfg.logger.peak_tflops} must be >= 0 (one device's peak TFLOP/s; 0 "
                           "looks a known GPU up in bf16 runs)")
-    _positive("eval.batch_size", cfg.eval.batch_size)
-    _positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
-    _nonnegative("eval.max_samples", cfg.eval.max_samples, "questions per split; 0 = all")
-    _nonnegative("eval.grounding_sequences", cfg.eval.grounding_sequences, "0 = no grounding probe")
-    _nonnegative("eval.every_steps", cfg.eval.every_steps, "0 = evaluate at stage ends only")
+    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
+    nonnegative("eval.max_samples", cfg.eval.max_samples, "questions per split; 0 = all")
+    nonnegative("eval.grounding_sequences", cfg.eval.grounding_sequences, "0 = no grounding probe")
+    nonnegative("eval.every_steps", cfg.eval.every_steps, "0 = evaluate at stage ends only")
     if cfg.eval.every_steps and cfg.engine.ep_size > 1:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} with engine.ep_size={cfg.engine.ep_size}: "
                           "evaluation during a stage runs on rank 0 alone, and an expert-parallel forward needs every "
@@ -413,11 +265,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> None:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} with engine.zero_stage=3 on {world_size} ranks: "
                           "evaluation during a stage runs on rank 0 alone, and ZeRO-3 partitions every weight over "
                           "the ranks; set eval.every_steps=0 (stage ends still evaluate)")
-    _nonnegative("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 = only at stage ends and on a stop signal")
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _positive("training.max_skipped_steps", cfg.training.max_skipped_steps)
-    _path("run_dir", cfg.run_dir, "set hydra.run.dir=<directory> (the run directory)")
-    _path("resume", cfg.resume, "use resume=none, resume=auto or resume=<checkpoint directory>")
+    nonnegative("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 = only at stage ends and on a stop signal")
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    positive("training.max_skipped_steps", cfg.training.max_skipped_steps)
+    nonempty_path("run_dir", cfg.run_dir, "set hydra.run.dir=<directory> (the run directory)")
+    nonempty_path("resume", cfg.resume, "use resume=none, resume=auto or resume=<checkpoint directory>")
     if files:
         _validate_backbone_paths(cfg)
     _validate_model(cfg)

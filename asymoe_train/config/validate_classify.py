@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
+from asymoe_train.config.checks import choice
 from asymoe_train.config.errors import ConfigError
 from asymoe_train.config.labels import labels_path, load_labels
 from asymoe_train.config.names import FUSION_COMBINES, FUSIONS, OOS_SCORES, SYNC_NEGATIVES, TASKS
 from asymoe_train.config.schema import TrainConfig
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
 
 
 def validate_classify(cfg: TrainConfig, files: bool = True) -> None:
@@ -20,7 +16,7 @@ def validate_classify(cfg: TrainConfig, files: bool = True) -> None:
     classify = []
     for name, stage in cfg.curriculum.stages.items():
         key = f"curriculum.stages.{name}"
-        _choice(f"{key}.task", stage.task, TASKS)
+        choice(f"{key}.task", stage.task, TASKS)
         if stage.losses.sync < 0:
             raise ConfigError(f"{key}.losses.sync={stage.losses.sync} must be >= 0")
         if stage.task == "generate":
@@ -40,8 +36,8 @@ def validate_classify(cfg: TrainConfig, files: bool = True) -> None:
         if "head" not in stage.trainable:
             raise ConfigError(f"{key}.trainable={stage.trainable} lacks 'head': a classify stage trains the "
                               "classification head (fusion, classifier, description projection); add head")
-    _choice("model.fusion", cfg.model.fusion, FUSIONS)
-    _choice("model.head.combine", head.combine, FUSION_COMBINES)
+    choice("model.fusion", cfg.model.fusion, FUSIONS)
+    choice("model.head.combine", head.combine, FUSION_COMBINES)
     for field_name in ("num_anchors", "num_heads"):
         if getattr(head, field_name) <= 0:
             raise ConfigError(f"model.head.{field_name}={getattr(head, field_name)} must be > 0")
@@ -50,12 +46,12 @@ def validate_classify(cfg: TrainConfig, files: bool = True) -> None:
     if cfg.model.lm.hidden_size % head.num_heads:
         raise ConfigError(f"model.head.num_heads={head.num_heads} does not divide model.lm.hidden_size="
                           f"{cfg.model.lm.hidden_size}")
-    _choice("sync.negatives", sync.negatives, SYNC_NEGATIVES)
+    choice("sync.negatives", sync.negatives, SYNC_NEGATIVES)
     if sync.margin < 0:
         raise ConfigError(f"sync.margin={sync.margin} must be >= 0 (a cosine-distance margin)")
     if sync.refresh_steps < 0:
         raise ConfigError(f"sync.refresh_steps={sync.refresh_steps} must be >= 0 (0 = encode the descriptions once)")
-    _choice("classify.oos_score", cfg.classify.oos_score, OOS_SCORES)
+    choice("classify.oos_score", cfg.classify.oos_score, OOS_SCORES)
     if cfg.classify.oos_split and cfg.classify.oos_split not in data.eval_sources:
         raise ConfigError(f"classify.oos_split={cfg.classify.oos_split!r} is not in data.eval_sources "
                           f"{sorted(data.eval_sources)}; name the validation split, or '' for no out-of-scope detection")

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from asymoe_train.config.schema import MoEConfig
+from asymoe_train.config.moe_schema import MoEConfig
 from asymoe_train.modality import CODES
 from asymoe_train.moe.dispatch import LocalDispatcher
 from asymoe_train.moe.evidence import TokenContext

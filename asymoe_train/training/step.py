@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from asymoe_train.config.schema import EngineConfig, EvidenceConfig, LossConfig
+from asymoe_train.config.moe_schema import EvidenceConfig
+from asymoe_train.config.schema import EngineConfig, LossConfig
 from asymoe_train.data.batch import Batch
 from asymoe_train.distributed.expert_parallel import grad_norm
 from asymoe_train.observability.moe_metrics import ExpertLoad
