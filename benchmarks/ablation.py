@@ -26,6 +26,22 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def align_then_sweep(experiment: str, seeds: list[int], root: str, overrides: list[str], last_stage: str,
+                     sweep: tuple[str, ...] = ()) -> None:
+    """Per seed: one run of every stage but ``last_stage`` (skipped when its checkpoint is complete), then one Hydra
+    multirun (its sweep in ``experiment``'s config, plus ``sweep``) of ``last_stage`` from that checkpoint."""
+    cli, base = [sys.executable, "-m", "asymoe_train.cli"], [f"experiment={experiment}", "logger.progress=false"]
+    for seed in seeds:
+        align = os.path.join(root, f"align-seed{seed}")
+        checkpoint = os.path.join(align, "checkpoints", "align")
+        if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
+            # the deletion goes last: it must also drop what the overrides set in the last stage
+            run([*cli, *base, "hydra.mode=RUN", f"seed={seed}", f"hydra.run.dir={align}", *overrides,
+                 f"~curriculum.stages.{last_stage}"])
+        run([*cli, "--multirun", *base, f"seed={seed}", f"init_from={checkpoint}", *sweep,
+             f"hydra.sweep.dir={os.path.join(root, f'seed{seed}')}", *overrides])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="ablation",
@@ -37,17 +53,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
     args = parser.parse_args()
 
-    cli, base = [sys.executable, "-m", "asymoe_train.cli"], [f"experiment={args.experiment}", "logger.progress=false"]
     root = os.path.abspath(args.root)
-    for seed in args.seeds:
-        align = os.path.join(root, f"align-seed{seed}")
-        checkpoint = os.path.join(align, "checkpoints", "align")
-        if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
-            # the deletion goes last: it must also drop what the overrides set in the last stage
-            run([*cli, *base, "hydra.mode=RUN", f"seed={seed}", f"hydra.run.dir={align}", *args.overrides,
-                 "~curriculum.stages.instruct"])
-        run([*cli, "--multirun", *base, f"seed={seed}", f"init_from={checkpoint}",
-             f"hydra.sweep.dir={os.path.join(root, f'seed{seed}')}", *args.overrides])
+    align_then_sweep(args.experiment, args.seeds, root, args.overrides, "instruct")
     command = "make ablation" + (" DATA=scenes" if args.experiment == "ablation_scenes" else "") \
         + (f" ARGS=\"{' '.join(args.overrides)}\"" if args.overrides else "")
     run([sys.executable, os.path.join(HERE, "ablation_report.py"), root, "--out", args.out, "--command", command])

@@ -19,13 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from ablation import align_then_sweep  # noqa: E402
+
 BEGIN, END = "<!-- amess:begin -->", "<!-- amess:end -->"
 STAGE = "classify"
 COLUMNS = (  # (header, split, metric path in the split's report)
@@ -38,11 +40,6 @@ COLUMNS = (  # (header, split, metric path in the split's report)
     ("test macro-F1", "test", ("macro_f1",)),
     ("test out-of-scope F1", "test", ("open_set", "oos_f1")),
 )
-
-
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def finished_runs(root: str) -> list[dict]:
@@ -168,17 +165,9 @@ def main() -> None:
         write_section(args.out, table(finished_runs(os.path.abspath(args.report_only)), command))
         return
 
-    cli, base = [sys.executable, "-m", "asymoe_train.cli"], ["experiment=amess_demo", "logger.progress=false"]
     root = os.path.abspath(args.root)
-    for seed in args.seeds:
-        align = os.path.join(root, f"align-seed{seed}")
-        checkpoint = os.path.join(align, "checkpoints", "align")
-        if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
-            run([*cli, *base, "hydra.mode=RUN", f"seed={seed}", f"hydra.run.dir={align}", *args.overrides,
-                 f"~curriculum.stages.{STAGE}"])
-        run([*cli, "--multirun", *base, f"seed={seed}", f"init_from={checkpoint}",
-             f"curriculum.stages.{STAGE}.losses.sync=0,{args.sync:g}",
-             f"hydra.sweep.dir={os.path.join(root, f'seed{seed}')}", *args.overrides])
+    align_then_sweep("amess_demo", args.seeds, root, args.overrides, STAGE,
+                     sweep=(f"curriculum.stages.{STAGE}.losses.sync=0,{args.sync:g}",))
     runs = [r for r in finished_runs(root) if r["seed"] in args.seeds]
     write_section(args.out, table(runs, command))
     print(f"wrote the A-MESS table to {args.out} from {len(runs)} runs under {root}")

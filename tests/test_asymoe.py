@@ -4,6 +4,7 @@ goes."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,11 +20,11 @@ from asymoe_train.moe.order import entailment_loss, exterior_angle, half_apertur
 D, F, B, T = 32, 48, 3, 10
 
 
-def asymoe_cfg(geometry: str = "lorentz", loss_kind: str = "routing") -> MoEConfig:
+def asymoe_cfg(geometry: str = "lorentz", loss_kind: str = "routing", hyperbolic_experts: int = 2) -> MoEConfig:
     return MoEConfig(
         variant="asymoe", top_k=2, router_init_std=0.5,
         pools=[PoolConfig(name="vision", num_experts=1), PoolConfig(name="hyperbolic", expert="hyperbolic",
-                                                                       num_experts=2),
+                                                                       num_experts=hyperbolic_experts),
                PoolConfig(name="text", num_experts=1), PoolConfig(name="evidence", expert="evidence", num_experts=1)],
         routers=[RouterConfig(name="vision", modalities=["image"], pools=["vision", "hyperbolic"]),
                  RouterConfig(name="text", modalities=["text"], pools=["text", "hyperbolic", "evidence"])],
@@ -33,13 +34,8 @@ def asymoe_cfg(geometry: str = "lorentz", loss_kind: str = "routing") -> MoEConf
 
 def asymoe_paper_cfg(geometry: str = "lorentz") -> MoEConfig:
     """conf/model/moe/asymoe_paper.yaml: one expert per group, the paper's evidence expert, score, cone, fixed c."""
-    return MoEConfig(
-        variant="asymoe_paper", top_k=2, router_init_std=0.5,
-        pools=[PoolConfig(name="vision", num_experts=1), PoolConfig(name="hyperbolic", expert="hyperbolic",
-                                                                       num_experts=1),
-               PoolConfig(name="text", num_experts=1), PoolConfig(name="evidence", expert="evidence", num_experts=1)],
-        routers=[RouterConfig(name="vision", modalities=["image"], pools=["vision", "hyperbolic"]),
-                 RouterConfig(name="text", modalities=["text"], pools=["text", "hyperbolic", "evidence"])],
+    return replace(
+        asymoe_cfg(geometry, hyperbolic_experts=1), variant="asymoe_paper",
         hyperbolic=HyperbolicConfig(geometry=geometry, learn_curvature=False, cone_form="paper"),
         evidence=EvidenceConfig(num_heads=4, form="paper", score="learned", alpha_init=0.3, loss_kind="none"),
     )
