@@ -129,12 +129,20 @@ class MoEBlock(nn.Module):
                     cols.append((p, col, self.pools[p].num_global_experts))
                 col += self.pools[p].num_global_experts
             self.router_context_pools[router.name] = cols
+        # Per context pool, the modality codes of the tokens whose routers reach it (static: derived once), as a tuple
+        # for the pool's queries and as a buffer for the per-token mask its logged gate averages over.
+        self.pool_query_codes: dict[str, tuple[int, ...]] = {}
+        for name, pool in self.pools.items():
+            if getattr(pool, "needs_context", False):
+                codes = sorted({code for router, cols in self.router_context_pools.items()
+                                if any(p == name for p, *_ in cols) for code in self.router_modalities[router]})
+                self.pool_query_codes[name] = tuple(codes)
+                self.register_buffer(f"asks_{name}", torch.tensor(codes, dtype=torch.long), persistent=False)
         self.active_losses: set[str] = {"balance", "z", "evd", "order"}  # the trainer drops zero-weight terms
 
     def query_codes(self, pool: str) -> tuple[int, ...]:
-        """The modality codes of the tokens whose routers reach ``pool``."""
-        return tuple(sorted({code for router, cols in self.router_context_pools.items() if any(p == pool for p, *_ in cols)
-                             for code in self.router_modalities[router]}))
+        """The modality codes of the tokens whose routers reach ``pool`` (a context pool)."""
+        return self.pool_query_codes[pool]
 
     def reach(self, router: str) -> torch.Tensor:
         """Global expert indices a router can reach, in router-local order."""
@@ -291,11 +299,7 @@ class MoEBlock(nn.Module):
                     out.losses["order"] = order_loss(x_TD, ctx, scale, c, hyp.cone_parent, hyp.cone_aperture,
                                                    hyp.cone_form)
             if hasattr(pool, "mean_alpha"):  # evidence pool: its gate (paper form: the mean over its routers' tokens)
-                asking_T = torch.zeros_like(modality_T, dtype=torch.bool)
-                for router, cols in self.router_context_pools.items():
-                    if any(p == name for p, *_ in cols):
-                        asking_T = asking_T | torch.isin(modality_T, getattr(self, f"codes_{router}"))
-                alpha_E = pool.mean_alpha(x_TD, asking_T)
+                alpha_E = pool.mean_alpha(x_TD, torch.isin(modality_T, getattr(self, f"asks_{name}")))
                 for e in range(alpha_E.shape[0]):
                     out.stats[f"{name}/alpha_e{e}"] = alpha_E[e]
         return out
