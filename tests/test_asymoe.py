@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from asymoe_train.config.moe_schema import EvidenceConfig, HyperbolicConfig, MoEConfig, PoolConfig, RouterConfig
 from asymoe_train.modality import IMAGE, PAD, TEXT
-from asymoe_train.moe.block import MoEBlock
+from asymoe_train.moe.block import MoEBlock, MoEOutput
 from asymoe_train.moe.evidence import EvidenceExperts, TokenContext
 from asymoe_train.moe.order import entailment_loss, exterior_angle, half_aperture
 
@@ -139,17 +139,23 @@ def test_fresh_evidence_expert_is_its_memory_ffn():
     assert pool.alpha_E.item() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("geometry,tolerance", [("lorentz", 2e-3), ("poincare", 1e-5)])
-def test_upcycled_asymoe_block_reproduces_dense_mlp(geometry, tolerance):
+def upcycled_block_error(cfg: MoEConfig) -> tuple[MoEBlock, MoEOutput, float]:
+    """A block freshly upcycled from a dense MLP, its output on unit-RMS tokens (as after the decoder's RMSNorm) and
+    its relative distance from the MLP's over the non-padding tokens."""
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=F))
-    block = MoEBlock.upcycle(mlp, asymoe_cfg(geometry), D, F, "silu")
+    block = MoEBlock.upcycle(mlp, cfg, D, F, "silu")
     x, modality, context = structure()
-    x = x / x.square().mean(-1, keepdim=True).sqrt()  # unit-RMS tokens, as after the decoder's RMSNorm
+    x = x / x.square().mean(-1, keepdim=True).sqrt()
     out = block(x, modality.reshape(-1), TokenContext((B, T), context, modality))
     keep = modality.reshape(-1) != PAD
     dense = mlp(x)[keep]
-    error = (out.hidden_TD[keep] - dense).norm() / dense.norm()
+    return block, out, ((out.hidden_TD[keep] - dense).norm() / dense.norm()).item()
+
+
+@pytest.mark.parametrize("geometry,tolerance", [("lorentz", 2e-3), ("poincare", 1e-5)])
+def test_upcycled_asymoe_block_reproduces_dense_mlp(geometry, tolerance):
+    _, out, error = upcycled_block_error(asymoe_cfg(geometry))
     assert error < tolerance
     assert {"balance", "evd", "order"} <= set(out.losses)
     assert 0.1 <= out.stats["hyperbolic/curvature"] <= 10
@@ -310,15 +316,8 @@ def test_fresh_paper_form_expert_is_the_dense_ffn_whatever_the_gate():
 @pytest.mark.parametrize("geometry,tolerance", [("lorentz", 2e-3), ("poincare", 1e-5)])
 def test_upcycled_asymoe_paper_block_reproduces_dense_mlp(geometry, tolerance):
     """The whole asymoe_paper block (the Lorentz expert is exact only to its maps' rounding, as for asymoe)."""
-    torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=F))
-    block = MoEBlock.upcycle(mlp, asymoe_paper_cfg(geometry), D, F, "silu")
-    x, modality, context = structure()
-    x = x / x.square().mean(-1, keepdim=True).sqrt()
-    out = block(x, modality.reshape(-1), TokenContext((B, T), context, modality))
-    keep = modality.reshape(-1) != PAD
-    dense = mlp(x)[keep]
-    assert (out.hidden_TD[keep] - dense).norm() / dense.norm() < tolerance
+    block, out, error = upcycled_block_error(asymoe_paper_cfg(geometry))
+    assert error < tolerance
     assert "evd" not in out.losses and {"balance", "order"} <= set(out.losses)  # the paper's loss (eq. 21)
     assert "pools.hyperbolic.curvature.log_c" not in dict(block.named_parameters())  # fixed curvature
     assert out.stats["hyperbolic/curvature"].item() == pytest.approx(1.0)
