@@ -110,7 +110,16 @@ def table(runs: list[dict], command: str) -> str:
     budget = ", ".join(f"{name} {s['steps']} steps x {s['batch_size']} samples (lr {s['lr']})"
                        for name, s in stages.items())
     labels = cfg["data"]["labels"]
-    from moe_block import commit, machine  # noqa: PLC0415 (imports torch: only when writing the report)
+    # imports torch: only when writing the report
+    from ablation_report import log_stamps  # noqa: PLC0415
+    from moe_block import commit, machine  # noqa: PLC0415
+
+    def minutes(path: str) -> float | None:
+        stamps = log_stamps(path)
+        return (stamps[-1] - stamps[0]).total_seconds() / 60 if len(stamps) > 1 else None
+
+    def align_dir(run: dict) -> str:  # <root>/seed<s>/<job> -> <root>/align-seed<s> (align_then_sweep's layout)
+        return os.path.join(os.path.dirname(os.path.dirname(run["path"])), f"align-seed{run['seed']}")
 
     lines = [
         BEGIN,
@@ -124,17 +133,22 @@ def table(runs: list[dict], command: str) -> str:
         "held out as out-of-scope (never trained on). Trained on the changing-priors train split; accuracy, macro-F1 "
         "and weighted-F1 over in-scope questions; out-of-scope F1 with the threshold on "
         f"`{cfg['classify']['oos_score']}` chosen on `{cfg['classify']['oos_split']}`. Budget: {budget}; stage 1 is "
-        "shared by both settings of a seed (`init_from`). `a ± b`: mean and standard deviation over seeds.",
+        "shared by both settings of a seed (`init_from`). `a ± b`: mean and standard deviation over seeds. "
+        "Minutes: wall time of one training on this machine (first to last line of each run's train.log), stage 1 "
+        "(one run per seed) + stage 2 (this setting's run), mean over seeds.",
         "",
-        "| losses.sync | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |",
+        "| losses.sync | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " | minutes: align + classify |",
+        "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |",
     ]
     for weight in sorted(rows):
         group = rows[weight]
         cells = [cell([v for r in group if (v := metric(r["splits"], split, path)) is not None])
                  for _, split, path in COLUMNS]
         seeds = ", ".join(str(s) for s in sorted(r["seed"] for r in group))
-        lines.append(f"| {weight:g} | {seeds} | " + " | ".join(cells) + " |")
+        stage1 = [m for r in group if (m := minutes(align_dir(r))) is not None]
+        stage2 = [m for r in group if (m := minutes(r["path"])) is not None]
+        wall = (f"{statistics.mean(stage1):.1f} + {statistics.mean(stage2):.1f}" if stage1 and stage2 else "-")
+        lines.append(f"| {weight:g} | {seeds} | " + " | ".join(cells) + f" | {wall} |")
     lines += ["", verdict(rows), END]
     return "\n".join(lines)
 

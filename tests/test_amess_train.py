@@ -139,8 +139,18 @@ def load_amess_script():
     return _load_file("amess_script", os.path.join(ROOT, "benchmarks", "amess.py"))
 
 
-def fake_run(directory, seed: int, sync: float, cp: tuple[float, float, float, float]) -> None:
+def fake_log(directory, minutes: float) -> None:
+    """A train.log whose first and last lines are ``minutes`` apart (the report's wall time)."""
+    os.makedirs(directory, exist_ok=True)
+    end = 60 * minutes
+    (directory / "train.log").write_text(f"[2026-12-05 00:00:00,000][x][INFO] - start\n"
+                                         f"[2026-12-05 00:{int(end // 60):02d}:{int(end % 60):02d},500][x][INFO] - done\n")
+
+
+def fake_run(directory, seed: int, sync: float, cp: tuple[float, float, float, float], minutes: float = 0.0) -> None:
     os.makedirs(directory / "eval")
+    if minutes:
+        fake_log(directory, minutes)
     cfg = {"seed": seed, "data": {"labels": "labels.yaml"}, "model": {"fusion": "anchors", "moe": {"variant": "x"}},
            "classify": {"oos_score": "description", "oos_split": "test"},
            "curriculum": {"stages": {"align": {"steps": 1, "batch_size": 2, "lr": 0.1},
@@ -153,10 +163,13 @@ def fake_run(directory, seed: int, sync: float, cp: tuple[float, float, float, f
 
 def test_amess_table_is_the_mean_and_spread_over_seeds_and_replaces_its_section(tmp_path):
     script = load_amess_script()
-    fake_run(tmp_path / "runs" / "a", 0, 0.0, (0.5, 0.4, 0.45, 0.1))
-    fake_run(tmp_path / "runs" / "b", 1, 0.0, (0.7, 0.6, 0.65, 0.3))
-    fake_run(tmp_path / "runs" / "c", 0, 0.5, (0.9, 0.8, 0.85, 0.9))
-    fake_run(tmp_path / "runs" / "d", 1, 0.5, (0.9, 0.8, 0.85, 0.7))
+    runs = tmp_path / "runs"  # align_then_sweep's layout: <root>/align-seed<s> and <root>/seed<s>/<job>
+    fake_log(runs / "align-seed0", 3.0)
+    fake_log(runs / "align-seed1", 5.0)
+    fake_run(runs / "seed0" / "0-a", 0, 0.0, (0.5, 0.4, 0.45, 0.1), minutes=6.0)
+    fake_run(runs / "seed1" / "0-b", 1, 0.0, (0.7, 0.6, 0.65, 0.3), minutes=8.0)
+    fake_run(runs / "seed0" / "1-c", 0, 0.5, (0.9, 0.8, 0.85, 0.9), minutes=9.0)
+    fake_run(runs / "seed1" / "1-d", 1, 0.5, (0.9, 0.8, 0.85, 0.7))  # no log: its mean is the other seed's
     out = tmp_path / "results.md"
     out.write_text("# Ablation results\n\nkept\n")
     for _ in range(2):  # a second report replaces the first
@@ -167,6 +180,8 @@ def test_amess_table_is_the_mean_and_spread_over_seeds_and_replaces_its_section(
     # without: accuracy 0.5, 0.7 -> 0.600 ± 0.141 (sample std); out-of-scope F1 0.1, 0.3 -> 0.200 ± 0.141
     assert rows["0"][1] == "0, 1" and rows["0"][2] == "0.600 ± 0.141" and rows["0"][5] == "0.200 ± 0.141"
     assert rows["0.5"][2] == "0.900 ± 0.000" and rows["0.5"][5] == "0.800 ± 0.141"
+    # minutes: align 3 and 5 -> 4.0; classify 6 and 8 -> 7.0; with sync only seed 0 logged its classify stage: 9.0
+    assert rows["0"][-1] == "4.0 + 7.0 |" and rows["0.5"][-1] == "4.0 + 9.0 |"
     # with - without: accuracy +0.300 > spread 0.141, ... out-of-scope F1 +0.600
     assert "cp_test accuracy +0.300 (spread 0.141)" in text and "it helps here" in text
 
