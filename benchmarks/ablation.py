@@ -7,7 +7,7 @@ that checkpoint (``init_from``), so the variants of a seed differ in nothing but
 before it runs; a failed one stops the ablation (rerunning with the same ``--root`` skips the finished align runs).
 
     python benchmarks/ablation.py [--experiment ablation_scenes] --seeds 0 1 2 --out docs/results.md
-        [-- hydra overrides for every run]
+        [--reference vanilla asymoe moiie] [-- hydra overrides for every run]
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--root", default=f"outputs/ablation/{datetime.now():%Y%m%d-%H%M%S}",
                         help="directory of all the runs (default: outputs/ablation/<time>)")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--reference", nargs="+", default=["vanilla", "asymoe", "moiie"],
+                        help="the report's paired comparisons: every variant against each of these")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
     args = parser.parse_args()
 
@@ -57,7 +59,8 @@ def main() -> None:
     align_then_sweep(args.experiment, args.seeds, root, args.overrides, "instruct")
     command = "make ablation" + (" DATA=scenes" if args.experiment == "ablation_scenes" else "") \
         + (f" ARGS=\"{' '.join(args.overrides)}\"" if args.overrides else "")
-    run([sys.executable, os.path.join(HERE, "ablation_report.py"), root, "--out", args.out, "--command", command])
+    run([sys.executable, os.path.join(HERE, "ablation_report.py"), root, "--out", args.out, "--command", command,
+         "--reference", *args.reference])
 
 
 if __name__ == "__main__":

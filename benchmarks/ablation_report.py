@@ -33,7 +33,9 @@ from paired_report import paired_section, pope_plot, pope_splits, pope_table  # 
 # easy-vqa's; a report takes its splits (POPE splits aside) and families from the runs (accuracy_columns)
 FAMILIES = ("all", "family/colour", "family/shape", "family/yes/no")
 SPLITS = ("test", "cp_test")
-PARAMS = re.compile(r"after upcycling: total ([\d.]+[kMB]?), activated per token ([\d.]+[kMB]?)")
+# the trainer's line at the start of each stage ("stage <name>: ... upcycled model: total 3.18M, activated per token
+# 2.30M; ..."): the last one is the last stage's
+PARAMS = re.compile(r" model: total ([\d.]+[kMB]?), activated per token ([\d.]+[kMB]?)")
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 BLIND = "blind (question prior)"
 
@@ -283,8 +285,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding them")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--command", default="make ablation", help="what produced the runs, for the document")
-    parser.add_argument("--reference", default="vanilla",
-                        help="the variant every other is compared with, paired over seeds and questions")
+    parser.add_argument("--reference", nargs="+", default=["vanilla"],
+                        help="the variants every other is compared with, paired over seeds and questions (one table "
+                             "each)")
     args = parser.parse_args()
 
     all_dirs = run_dirs(args.runs)
@@ -348,7 +351,8 @@ def main() -> None:
                   "ones sampled at random, among the most frequent training objects (popular), or among those that "
                   "co-occur most in training with the image's objects (adversarial); positive class: yes; mean ± std "
                   "over seeds):", "", *pope, ""]
-    lines += paired_section(by_variant, args.reference)
+    for reference in args.reference:
+        lines += paired_section(by_variant, reference)
     lines += ["Runs: " + ", ".join(f"`{os.path.relpath(r['path'])}`" for r in runs), ""]
     lines += kept_sections(args.out)
     with open(args.out, "w", encoding="utf-8") as f:

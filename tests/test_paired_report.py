@@ -58,7 +58,7 @@ def report(tmp_path_factory):
         fake_run(str(root / "runs" / f"asymoe-{seed}"), data, "asymoe", seed, grounded)
     out = root / "docs" / "results.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ablation_report.py"),
-                           str(root / "runs"), "--out", str(out), "--reference", "vanilla"],
+                           str(root / "runs"), "--out", str(out), "--reference", "vanilla", "asymoe"],
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out.read_text(), root
@@ -100,3 +100,13 @@ def test_paired_differences_against_the_reference(report):
     # POPE F1 2/3 -> 1 on every seed: the difference is 1/3 and significant
     assert row[header.index("random F1")].startswith("**+0.333 [")
     assert "Significant at 95 %: asymoe on random F1 (+0.333); asymoe on adversarial F1 (+0.333)." in text
+
+
+def test_one_paired_table_per_reference(report):
+    text, _ = report
+    assert text.count("**Paired differences against `") == 2
+    against_asymoe = text.split("**Paired differences against `asymoe`**")[1]
+    header, _, *rows = chunk(against_asymoe, "| variant | seeds | test all")
+    (row,) = rows  # vanilla, the one other variant, now minus asymoe
+    assert row[0] == "vanilla" and row[header.index("random F1")].startswith("**-0.333 [")
+    assert "Significant at 95 %: vanilla on random F1 (-0.333); vanilla on adversarial F1 (-0.333)." in against_asymoe

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,10 @@ def test_ablation_trains_every_variant_from_one_align_run_per_seed_and_writes_th
     rows = {line.split(" | ")[0][2:]: line for line in results.splitlines()}
     for variant in ("dense_matched", "vanilla", "modality", "moiie", "asymoe", "asymoe_paper"):
         assert rows[variant].split(" | ")[1] == "0, 1"  # both seeds averaged in one row
+    # the parameter counts of the last stage, read from the trainer's log: the dense baseline activates all of its own
+    params = {v: rows[v].split(" | ")[2].split(" / ") for v in rows if v != "blind (question prior)"}
+    assert all(re.fullmatch(r"[\d.]+[kM]", count) for pair in params.values() for count in pair), params
+    assert params["dense_matched"][0] == params["dense_matched"][1] and params["vanilla"][0] != params["vanilla"][1]
     assert "blind (question prior)" in rows
     assert "**Grounding probe**" in text and "| asymoe | " in text.split("**Grounding probe**")[1]
     diagnostics = text.split("**The AsyMoE paper's diagnostics**")[1]
