@@ -119,7 +119,7 @@ def test_init_from_starts_a_variant_from_another_runs_finished_stage(tmp_path, d
     assert "model.lm" in proc.stdout + proc.stderr and "init_from" in proc.stdout + proc.stderr
 
 
-VARIANTS = ("dense_matched", "vanilla", "modality", "moiie", "asymoe", "asymoe_paper")  # experiment=ablation's sweep
+ABLATION_VARIANTS = ("dense_matched", "vanilla", "modality", "moiie", "asymoe", "asymoe_paper")  # experiment=ablation
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_ablation_trains_every_variant_from_one_align_run_per_seed_and_writes_th
         align = root / f"align-seed{seed}" / "checkpoints" / "align"
         assert not (root / f"align-seed{seed}" / "checkpoints" / "instruct").exists()
         jobs = sorted((root / f"seed{seed}").glob("*-*"))
-        assert [job.name.split("-", 1)[1] for job in jobs] == list(VARIANTS)
+        assert [job.name.split("-", 1)[1] for job in jobs] == list(ABLATION_VARIANTS)
         for job in jobs:
             report = json.load(open(job / "eval" / "instruct.json"))
             assert f"init_from: {align}" in open(job / "config.yaml").read()
@@ -154,10 +154,10 @@ def test_ablation_trains_every_variant_from_one_align_run_per_seed_and_writes_th
     text = out.read_text()
     results = next(chunk for chunk in text.split("\n\n") if chunk.startswith("| variant | seeds"))
     rows = {line.split(" | ")[0][2:]: line for line in results.splitlines()}
-    for variant in VARIANTS:
+    for variant in ABLATION_VARIANTS:
         assert rows[variant].split(" | ")[1] == "0, 1"  # both seeds averaged in one row
     # the parameter counts of the last stage, read from the trainer's log: the dense baseline activates all of its own
-    params = {v: rows[v].split(" | ")[2].split(" / ") for v in VARIANTS}
+    params = {v: rows[v].split(" | ")[2].split(" / ") for v in ABLATION_VARIANTS}
     assert all(re.fullmatch(r"[\d.]+[kM]", count) for pair in params.values() for count in pair), params
     assert params["dense_matched"][0] == params["dense_matched"][1] and params["vanilla"][0] != params["vanilla"][1]
     assert "blind (question prior)" in rows
