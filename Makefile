@@ -67,7 +67,7 @@ bench: install data ## MoE block, demo and LLaVA-shaped packed training-step thr
 			--out docs/benchmarks.md || exit 1; \
 	else echo "make bench: no CUDA GPU here, so no bf16 GPU tables"; fi
 
-ablation: install data ## the six variants x 3 seeds on a smaller demo budget (about an hour on 2 CPU cores; DATA=scenes: the scenes budget, with POPE), then docs/results.md (DATA=scenes: docs/results_scenes.md)
+ablation: install data ## the six variants x 3 seeds on a smaller demo budget (about 25 minutes on 2 CPU cores; DATA=scenes: the scenes budget, with POPE, about an hour), then docs/results.md (DATA=scenes: docs/results_scenes.md)
 	$(PY) -m pip install -q -e ".[report]"
 	$(PY) benchmarks/ablation.py --experiment $(if $(filter scenes,$(DATA)),ablation_scenes,ablation) \
 		--seeds $(ABLATION_SEEDS) --out docs/results$(if $(filter scenes,$(DATA)),_scenes).md -- $(ARGS)
