@@ -7,14 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 
-
-def _mean_spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+from paired_report import mean_spread
 
 
 def _diagnosed(runs_by_variant: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -33,14 +26,14 @@ def diagnostics_tables(runs_by_variant: dict[str, list[dict]]) -> list[str]:
     for variant, reports in diagnosed.items():
         for layer, values in reports[0]["layers"].items():
             for expert in values["grounding_ratio"]:
-                cells = [_mean_spread([r["layers"][layer][key][expert] for r in reports])
+                cells = [mean_spread([r["layers"][layer][key][expert] for r in reports])
                          for key in ("grounding_ratio", "dependence_ratio", "activation_intact", "activation_blanked")]
                 lines.append(f"| {variant} | {layer} | {expert} | " + " | ".join(cells) + " |")
     num_layers = len(next(iter(diagnosed.values()))[0]["attention_entropy"])
     lines += ["", "| variant | " + " | ".join(f"entropy L{i}" for i in range(num_layers)) + " |",
               "| --- " * (num_layers + 1) + "|"]
     for variant, reports in diagnosed.items():
-        lines.append(f"| {variant} | " + " | ".join(_mean_spread([r["attention_entropy"][i] for r in reports])
+        lines.append(f"| {variant} | " + " | ".join(mean_spread([r["attention_entropy"][i] for r in reports])
                                                    for i in range(num_layers)) + " |")
     return lines
 

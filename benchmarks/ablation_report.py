@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablation_diagnostics import diagnostics_plot, diagnostics_tables  # noqa: E402
 from moe_block import commit, machine  # noqa: E402
-from paired_report import paired_section, pope_plot, pope_splits, pope_table  # noqa: E402
+from paired_report import mean_spread, paired_section, pope_plot, pope_splits, pope_table  # noqa: E402
 
 # easy-vqa's; a report takes its splits (POPE splits aside) and families from the runs (accuracy_columns)
 FAMILIES = ("all", "family/colour", "family/shape", "family/yes/no")
@@ -110,14 +110,6 @@ def blind_baseline(run: dict) -> dict:
     return {split: question_prior_baseline(qa_turns(train_urls), qa_turns(shard_files(cfg.data, pattern)),
                                            cfg.eval.max_samples)
             for split, pattern in cfg.data.eval_sources.items()}
-
-
-def mean_spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def accuracy(splits: dict, split: str, family: str) -> float | None:

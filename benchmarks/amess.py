@@ -27,6 +27,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from ablation import align_then_sweep  # noqa: E402
+from paired_report import mean_spread  # noqa: E402
 
 BEGIN, END = "<!-- amess:begin -->", "<!-- amess:end -->"
 STAGE = "classify"
@@ -63,14 +64,6 @@ def metric(splits: dict, split: str, path: tuple[str, ...]) -> float | None:
     for key in path:
         value = value.get(key) if isinstance(value, dict) else None
     return value
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def verdict(rows: dict[float, list[dict]]) -> str:
@@ -142,8 +135,7 @@ def table(runs: list[dict], command: str) -> str:
     ]
     for weight in sorted(rows):
         group = rows[weight]
-        cells = [cell([v for r in group if (v := metric(r["splits"], split, path)) is not None])
-                 for _, split, path in COLUMNS]
+        cells = [mean_spread([metric(r["splits"], split, path) for r in group]) for _, split, path in COLUMNS]
         seeds = ", ".join(str(s) for s in sorted(r["seed"] for r in group))
         stage1 = [m for r in group if (m := minutes(align_dir(r))) is not None]
         stage2 = [m for r in group if (m := minutes(r["path"])) is not None]

@@ -21,7 +21,10 @@ import numpy as np
 POPE_COLUMNS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
 
 
-def _mean_spread(values: list[float]) -> str:
+def mean_spread(values: list[float | None]) -> str:
+    """Mean ± sample standard deviation of the values that are not None, at 3 decimals (the one value alone; "-"
+    for none): every table cell of the reports."""
+    values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
@@ -45,7 +48,7 @@ def pope_table(runs_by_variant: dict[str, list[dict]]) -> list[str]:
         cells = []
         for split in splits:
             rows = [row for r in runs for row in r["splits"].get(split, {}).get("pope", {}).values()]
-            cells += [_mean_spread([row[metric] for row in rows]) for metric in POPE_COLUMNS]
+            cells += [mean_spread([row[metric] for row in rows]) for metric in POPE_COLUMNS]
         lines.append(f"| {variant} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     return lines
 
